@@ -1,0 +1,13 @@
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY . /app
+RUN pip install --no-cache-dir . \
+    && useradd --system --create-home --uid 10001 intyg
+
+USER intyg
+CMD ["intygstjanst", "serve"]

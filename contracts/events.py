@@ -1,0 +1,84 @@
+"""Events and recipient deliveries published on `intyg.events` (CONTRACT.md §7).
+
+Broadcast events (`certificate.*`) carry no patient id and no document; recipient deliveries
+(`recipient.R.certificate.*`) carry what the recipient needs.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from contracts.base import CertificateId, CertificateType, HsaId, PatientId, RecipientId, Strict, Timestamp
+from contracts.certificate import Certificate
+
+
+class Event(Strict):
+    ROUTING_KEY: ClassVar[str]
+    event_id: str
+    type: str
+    occurred_at: Timestamp
+
+
+class CertificateRegistered(Event):
+    ROUTING_KEY: ClassVar[str] = "certificate.registered"
+    certificate_id: CertificateId
+    certificate_type: CertificateType
+    care_unit_id: HsaId
+    care_giver_id: HsaId
+    signed_at: Timestamp
+    test_certificate: bool
+
+
+class CertificateRevoked(Event):
+    ROUTING_KEY: ClassVar[str] = "certificate.revoked"
+    certificate_id: CertificateId
+    certificate_type: CertificateType
+    care_giver_id: HsaId
+
+
+class CertificateSent(Event):
+    ROUTING_KEY: ClassVar[str] = "certificate.sent"
+    certificate_id: CertificateId
+    certificate_type: CertificateType
+    recipient_id: RecipientId
+    sent_by: Literal["CITIZEN", "CARE"]
+
+
+class CertificateArchived(Event):
+    ROUTING_KEY: ClassVar[str] = "certificate.archived"
+    certificate_id: CertificateId
+
+
+class CertificateRestored(Event):
+    ROUTING_KEY: ClassVar[str] = "certificate.restored"
+    certificate_id: CertificateId
+
+
+class CareCopyRemoved(Event):
+    ROUTING_KEY: ClassVar[str] = "certificate.care-copy-removed"
+    certificate_id: CertificateId
+    care_giver_id: HsaId
+
+
+class CertificatePurged(Event):
+    ROUTING_KEY: ClassVar[str] = "certificate.purged"
+    certificate_id: CertificateId
+    reason: Literal["CARE_COPY_REMOVED_WITHOUT_CONSENT", "CONSENT_WITHDRAWN"]
+
+
+class RecipientCertificateSent(Event):
+    """Routing key `recipient.<R>.certificate.sent`."""
+
+    ROUTING_KEY: ClassVar[str] = "recipient.{recipient_id}.certificate.sent"
+    recipient_id: RecipientId
+    sent_by: Literal["CITIZEN", "CARE"]
+    certificate: Certificate
+
+
+class RecipientCertificateRevoked(Event):
+    """Routing key `recipient.<R>.certificate.revoked`."""
+
+    ROUTING_KEY: ClassVar[str] = "recipient.{recipient_id}.certificate.revoked"
+    recipient_id: RecipientId
+    certificate_id: CertificateId
+    patient_id: PatientId
+    reason: str | None = None

@@ -1,0 +1,82 @@
+"""The one reply every message with `reply_to` gets (CONTRACT.md §3)."""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from contracts.base import Strict
+
+
+class Result(str, Enum):
+    OK = "OK"
+    INFO = "INFO"
+    ERROR = "ERROR"
+
+
+class ErrorId(str, Enum):
+    """RIV-TA: everything but TECHNICAL_ERROR means "do not resend"."""
+
+    VALIDATION_ERROR = "VALIDATION_ERROR"
+    APPLICATION_ERROR = "APPLICATION_ERROR"
+    REVOKED = "REVOKED"
+    TECHNICAL_ERROR = "TECHNICAL_ERROR"
+
+
+class Code(str, Enum):
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    ALREADY_REVOKED = "ALREADY_REVOKED"
+    ALREADY_SENT = "ALREADY_SENT"
+    NO_CHANGE = "NO_CHANGE"
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    INVALID_PERSONNUMMER = "INVALID_PERSONNUMMER"
+    UNKNOWN_CERTIFICATE_TYPE = "UNKNOWN_CERTIFICATE_TYPE"
+    CONFLICT = "CONFLICT"
+    TEST_CERTIFICATE = "TEST_CERTIFICATE"
+    NOT_FOUND = "NOT_FOUND"
+    NO_CONSENT = "NO_CONSENT"
+    PURGED = "PURGED"
+    UNKNOWN_RECIPIENT = "UNKNOWN_RECIPIENT"
+    RECIPIENT_REJECTS_TYPE = "RECIPIENT_REJECTS_TYPE"
+    FORBIDDEN = "FORBIDDEN"
+    REVOKED = "REVOKED"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+INFO_CODES = frozenset({Code.ALREADY_EXISTS, Code.ALREADY_REVOKED, Code.ALREADY_SENT, Code.NO_CHANGE})
+
+ERROR_IDS: dict[Code, ErrorId] = {
+    Code.INVALID_MESSAGE: ErrorId.VALIDATION_ERROR,
+    Code.INVALID_PERSONNUMMER: ErrorId.VALIDATION_ERROR,
+    Code.UNKNOWN_CERTIFICATE_TYPE: ErrorId.VALIDATION_ERROR,
+    Code.CONFLICT: ErrorId.VALIDATION_ERROR,
+    Code.TEST_CERTIFICATE: ErrorId.VALIDATION_ERROR,
+    Code.NOT_FOUND: ErrorId.APPLICATION_ERROR,
+    Code.NO_CONSENT: ErrorId.APPLICATION_ERROR,
+    Code.PURGED: ErrorId.APPLICATION_ERROR,
+    Code.UNKNOWN_RECIPIENT: ErrorId.APPLICATION_ERROR,
+    Code.RECIPIENT_REJECTS_TYPE: ErrorId.APPLICATION_ERROR,
+    Code.FORBIDDEN: ErrorId.APPLICATION_ERROR,
+    Code.REVOKED: ErrorId.REVOKED,
+    Code.UNAVAILABLE: ErrorId.TECHNICAL_ERROR,
+}
+
+
+class Reply(Strict):
+    result: Result
+    error_id: ErrorId | None = None
+    code: Code | None = None
+    message: str
+    request_id: str
+    data: dict[str, Any] | None = None
+
+    @classmethod
+    def ok(cls, request_id: str, message: str = "OK", data: dict[str, Any] | None = None) -> Reply:
+        return cls(result=Result.OK, message=message, request_id=request_id, data=data)
+
+    @classmethod
+    def for_code(cls, code: Code, request_id: str, message: str, data: dict[str, Any] | None = None) -> Reply:
+        """An INFO or ERROR reply; the error id follows from the code (one table, §3)."""
+        if code in INFO_CODES:
+            return cls(result=Result.INFO, code=code, message=message, request_id=request_id, data=data)
+        return cls(result=Result.ERROR, error_id=ERROR_IDS[code], code=code, message=message,
+                   request_id=request_id, data=data)

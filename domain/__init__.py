@@ -1,0 +1,1 @@
+"""The certificate lifecycle as pure Python: no I/O, no SQLAlchemy, no pika."""

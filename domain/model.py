@@ -1,0 +1,101 @@
+"""A stored certificate with its two availability flags, a patient's consent, and recipients.
+
+The seed (slide 11): each certificate is *available to care* (the care giver's copy) and *available to the
+citizen*. The citizen's copy lives as long as the certificate; consent decides whether the citizen may reach it
+and whether a certificate without a care copy may stay at all (`must_purge`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Death certificates are for authorities, never shown to the citizen (CONTRACT.md §4).
+HIDDEN_FROM_CITIZEN = frozenset({"db", "doi"})
+# What a citizen files away is the citizen's business: care never sees these statuses.
+CITIZEN_ONLY_STATUSES = frozenset({"ARCHIVED", "RESTORED"})
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    status: str
+    target: str | None
+    at: dt.datetime
+
+
+@dataclass
+class Certificate:
+    """The aggregate: every change to one certificate goes through its methods, which record events."""
+
+    id: str
+    type: str
+    patient_id: str
+    care_giver_id: str
+    care_unit_id: str
+    signed_at: dt.datetime
+    test_certificate: bool
+    fingerprint: str
+    content: dict[str, Any]  # the registered certificate as JSON, opaque to the rules, without its document
+    document: dict[str, Any] | None = None  # loaded only where it is returned or delivered
+    available_to_care: bool = True
+    archived: bool = False
+    revoked_at: dt.datetime | None = None
+    statuses: list[StatusChange] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def sent_to(self) -> list[str]:
+        return [s.target for s in self.statuses if s.status == "SENT" and s.target]
+
+    def record(self, status: str, at: dt.datetime, target: str | None = None) -> None:
+        self.statuses.append(StatusChange(status, target, at))
+
+    def visible_to_citizen(self, consent: Consent) -> bool:
+        return consent.given and consent.patient_id == self.patient_id and self.type not in HIDDEN_FROM_CITIZEN
+
+    def visible_to_care(self, care_giver_id: str) -> bool:
+        return self.available_to_care and self.care_giver_id == care_giver_id
+
+    def statuses_for_care(self) -> list[StatusChange]:
+        return [s for s in self.statuses if s.status not in CITIZEN_ONLY_STATUSES]
+
+
+@dataclass
+class Consent:
+    patient_id: str
+    given: bool = False  # no record = not given
+    changed_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Recipient:
+    id: str
+    name: str
+    certificate_types: frozenset[str]
+    trusted: bool = True
+    active: bool = True
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The configured certificate types and recipients."""
+
+    certificate_types: frozenset[str]
+    recipients: dict[str, Recipient]
+
+
+def must_purge(certificate: Certificate, consent: Consent) -> bool:
+    """Slides 8 and 10: without a care copy and without consent a certificate has no reason to exist."""
+    return not certificate.available_to_care and not consent.given
+
+
+def fingerprint(certificate_json: dict[str, Any]) -> str:
+    """Identity of a registered certificate's whole content: the same id with another fingerprint is a CONFLICT."""
+    canonical = json.dumps(certificate_json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,1 @@
+"""Settings, topology, wiring and the `intygstjanst` command line: the one composition root."""

@@ -1,0 +1,90 @@
+"""Configuration from the environment (12-factor). `AMQP_URL` as RabbitMQ writes it (its path is the vhost),
+`DATABASE_URL` as every PostgreSQL tool writes it; everything else has a default that works on a laptop."""
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from domain.model import Catalogue, Recipient
+
+DEFAULT_TYPES = ("fk7263", "lisjp", "luse", "luae_na", "luae_fs", "ts-bas", "ts-diabetes", "tstrk1009",
+                 "tstrk1062", "af00213", "af00251", "ag114", "ag7804", "db", "doi")
+
+
+class RecipientSetting(BaseModel):
+    id: str
+    name: str
+    certificate_types: list[str]
+    trusted: bool = True
+    active: bool = True
+
+
+DEFAULT_RECIPIENTS = (
+    RecipientSetting(id="FKASSA", name="Försäkringskassan",
+                     certificate_types=["fk7263", "lisjp", "luse", "luae_na", "luae_fs"]),
+    RecipientSetting(id="TRANSP", name="Transportstyrelsen",
+                     certificate_types=["ts-bas", "ts-diabetes", "tstrk1009", "tstrk1062"]),
+    RecipientSetting(id="AF", name="Arbetsförmedlingen", certificate_types=["af00213", "af00251"]),
+    RecipientSetting(id="SKV", name="Skatteverket", certificate_types=["db"]),
+    RecipientSetting(id="SOS", name="Socialstyrelsen", certificate_types=["doi"]),
+)
+
+Role = Literal["care", "citizen-portal", "operator"]
+
+
+class UserRole(BaseModel):
+    role: Role
+    care_giver_ids: list[str] | None = None  # a care user may be limited to some care givers
+
+
+class Settings(BaseSettings):
+    """Every setting can be given as an environment variable of the same name in capitals, e.g.
+    `RECIPIENTS='[{"id": "FKASSA", ...}]'` or `ENFORCE_ROLES=true`."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    certificate_types: list[str] = Field(default_factory=lambda: list(DEFAULT_TYPES))
+    recipients: list[RecipientSetting] = Field(default_factory=lambda: list(DEFAULT_RECIPIENTS))
+    max_body_bytes: int = 4 * 1024 * 1024
+    prefetch: int = 200
+    batch_size: int = 100  # messages handled in one database transaction
+    batch_wait_ms: float = 2.0  # how long a batch waits for more messages before it is handled
+    retry_delays_s: list[float] = Field(default_factory=lambda: [1, 2, 5, 10, 30])
+    revoke_wait_s: float = 300.0  # a revoke that overtakes its register waits this long
+    bulk_batch_size: int = 500  # certificates per transaction when a care giver leaves
+    relay_batch_size: int = 500
+    relay_poll_s: float = 0.2
+    enforce_roles: bool = False
+    roles: dict[str, UserRole] = Field(default_factory=dict)  # broker user -> role
+    log_level: str = "INFO"
+
+    @cached_property
+    def catalogue(self) -> Catalogue:
+        return Catalogue(
+            certificate_types=frozenset(self.certificate_types),
+            recipients={r.id: Recipient(r.id, r.name, frozenset(r.certificate_types), r.trusted, r.active)
+                        for r in self.recipients},
+        )
+
+    def redacted(self) -> dict[str, object]:
+        """What `intygstjanst config` prints: no passwords."""
+        shown = json.loads(self.model_dump_json())
+        for key in ("amqp_url", "database_url"):
+            shown[key] = _without_password(shown[key])
+        return shown
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
