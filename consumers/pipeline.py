@@ -1,0 +1,212 @@
+"""From an AMQP delivery to a committed answer: parse and check the envelope, authorise, apply the message once
+(inbox), and queue its reply and events (outbox) in the same transaction. No pika here: the loop in
+`consumers.loop` feeds it deliveries and owns acks, retries and dead letters."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from contracts.replies import Code, Reply
+from contracts.topology import EVENTS_EXCHANGE, H_ORIGINAL_USER_ID
+from consumers.context import Caller, Context, Handled
+from consumers.routes import OPERATOR, ROUTES, Route, care_giver_named, role_needed
+from consumers.wire import reply_for_refusal
+from domain.errors import Refused
+from domain.model import Catalogue
+from storage.outbox import OutboxMessage
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The parts of an AMQP message the service reads."""
+
+    routing_key: str
+    body: bytes
+    message_id: str | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    type: str | None = None
+    user_id: str | None = None
+    content_type: str | None = None
+    headers: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def reply_correlation_id(self) -> str | None:
+        return self.correlation_id or self.message_id
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The settings the pipeline obeys."""
+
+    catalogue: Catalogue
+    max_body_bytes: int = 4 * 1024 * 1024
+    enforce_roles: bool = False
+    roles: Mapping[str, tuple[str, frozenset[str] | None]] = field(default_factory=dict)  # user -> role, givers
+    bulk_batch_size: int = 500
+
+
+class Invalid(Exception):
+    """The message cannot be handled at all: answered (when possible) and dead-lettered, never retried."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class RetryLater(Exception):
+    """Not applicable yet (a revoke that overtook its register): retried with back-off within a window."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.message)
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Parsed:
+    envelope: Envelope
+    route: Route
+    message: BaseModel
+
+    @property
+    def message_id(self) -> str:
+        assert self.envelope.message_id is not None
+        return self.envelope.message_id
+
+
+@dataclass
+class Processed:
+    reply: Reply | None
+    outcome: str  # what the log line says: OK, an INFO/ERROR code, DUPLICATE
+    direct_reply: bool = False  # queries answer at once instead of through the outbox
+    more: bool = False
+
+
+def parse(envelope: Envelope, policy: Policy) -> Parsed:
+    if not envelope.message_id or len(envelope.message_id) > 128:
+        raise Invalid(Code.INVALID_MESSAGE, "message_id is required (1-128 characters)")
+    route = ROUTES.get(envelope.routing_key)
+    if route is None:
+        raise Invalid(Code.INVALID_MESSAGE, f"unknown routing key {envelope.routing_key!r}")
+    if envelope.type is not None and envelope.type != envelope.routing_key:
+        raise Invalid(Code.INVALID_MESSAGE, f"type {envelope.type!r} does not match routing key")
+    if envelope.content_type not in (None, "", "application/json"):
+        raise Invalid(Code.INVALID_MESSAGE, f"content_type must be application/json, not {envelope.content_type!r}")
+    if route.query and not envelope.reply_to:
+        raise Invalid(Code.INVALID_MESSAGE, "a query needs reply_to")
+    if len(envelope.body) > policy.max_body_bytes:
+        raise Invalid(Code.INVALID_MESSAGE, f"body is larger than {policy.max_body_bytes} bytes")
+    try:
+        message = route.model.model_validate_json(envelope.body)
+    except ValidationError as error:
+        raise _invalid(error) from None
+    return Parsed(envelope, route, message)
+
+
+def _invalid(error: ValidationError) -> Invalid:
+    """Name every field that is wrong, never the value (it may be a personnummer)."""
+    problems = error.errors(include_input=False, include_url=False)
+    if any(p["type"] == "json_invalid" for p in problems):
+        return Invalid(Code.INVALID_MESSAGE, "body is not a JSON object")
+    if problems and all(p["type"] == "model_type" and not p["loc"] for p in problems):
+        return Invalid(Code.INVALID_MESSAGE, "body is not a JSON object")
+    text = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in problems)
+    only_patient = all(p["loc"] and p["loc"][-1] == "patient_id" and p["type"] == "value_error" for p in problems)
+    return Invalid(Code.INVALID_PERSONNUMMER if only_patient else Code.INVALID_MESSAGE, text)
+
+
+def authorize(parsed: Parsed, policy: Policy) -> Caller:
+    """§8: with roles enforced, a broker user outside the message type's role is refused FORBIDDEN."""
+    if not policy.enforce_roles:
+        return Caller()
+    envelope = parsed.envelope
+    user = envelope.user_id
+    role = policy.roles.get(user or "")
+    if role and role[0] == OPERATOR and envelope.headers.get(H_ORIGINAL_USER_ID):
+        user = str(envelope.headers[H_ORIGINAL_USER_ID])  # a replayed dead letter acts as its sender
+        role = policy.roles.get(user)
+    if role is None or role[0] not in role_needed(parsed.message, parsed.route):
+        raise Refused("FORBIDDEN", f"user may not send {envelope.routing_key}")
+    caller = Caller(role[0], role[1] if role[0] != OPERATOR else None)
+    giver = care_giver_named(parsed.message)
+    if giver is not None and role[0] != OPERATOR and not caller.may_act_for(giver):
+        raise Refused("FORBIDDEN", "user may not act for that care giver")
+    return caller
+
+
+def process(parsed: Parsed, uow: Any, policy: Policy, now: dt.datetime | None = None) -> Processed:
+    """Apply one parsed message inside the caller's transaction (`uow`), which the caller commits."""
+    ctx = Context(request_id=parsed.message_id, now=now or dt.datetime.now(dt.UTC), catalogue=policy.catalogue,
+                  bulk_batch_size=policy.bulk_batch_size)
+    try:
+        ctx = Context(**{**ctx.__dict__, "caller": authorize(parsed, policy)})
+    except Refused as refusal:
+        # Not remembered in the inbox: the same message_id from an entitled sender must still apply.
+        return _answer(parsed, uow, reply_for_refusal(refusal, ctx.request_id), [], refusal.code)
+    if parsed.route.query:
+        return _query(parsed, uow, ctx)
+    seen = uow.inbox.get(parsed.message_id)
+    if seen is not None:
+        reply = Reply.model_validate(seen["reply"])
+        return _answer(parsed, uow, reply, [], "DUPLICATE")
+    try:
+        handled: Handled = parsed.route.handler(parsed.message, uow, ctx)
+    except Refused as refusal:
+        reply = reply_for_refusal(refusal, ctx.request_id)
+        if refusal.retry_until_found:
+            raise RetryLater(reply) from None
+        handled = Handled(reply)
+    if handled.more:
+        uow.outbox.add(_event_messages(handled))
+        return Processed(None, "IN_PROGRESS", more=True)
+    assert handled.reply is not None
+    uow.inbox.add(parsed.message_id, parsed.envelope.routing_key, handled.reply.model_dump(mode="json"))
+    return _answer(parsed, uow, handled.reply, _event_messages(handled), _outcome(handled.reply))
+
+
+def _query(parsed: Parsed, uow: Any, ctx: Context) -> Processed:
+    try:
+        reply = parsed.route.handler(parsed.message, uow, ctx).reply
+    except Refused as refusal:
+        reply = reply_for_refusal(refusal, ctx.request_id)
+    return Processed(reply, _outcome(reply), direct_reply=True)
+
+
+def _answer(parsed: Parsed, uow: Any, reply: Reply, events: list[OutboxMessage], outcome: str) -> Processed:
+    messages = list(events)
+    if parsed.envelope.reply_to:
+        messages.append(reply_message(parsed.envelope, reply))
+    if messages:
+        uow.outbox.add(messages)
+    return Processed(reply, outcome)
+
+
+def reply_message(envelope: Envelope, reply: Reply) -> OutboxMessage:
+    assert envelope.reply_to is not None
+    return OutboxMessage(kind="reply", exchange="", routing_key=envelope.reply_to,
+                         message_id=f"reply-{reply.request_id}", correlation_id=envelope.reply_correlation_id,
+                         body=reply.model_dump_json().encode())
+
+
+def _event_messages(handled: Handled) -> list[OutboxMessage]:
+    return [OutboxMessage(kind="event", exchange=EVENTS_EXCHANGE, routing_key=e.type, message_id=e.event_id,
+                          body=e.model_dump_json().encode()) for e in handled.events]
+
+
+def _outcome(reply: Reply) -> str:
+    return reply.code.value if reply.code else reply.result.value
+
+
+def subject(parsed: Parsed) -> str | None:
+    """The certificate a message is about, for the log line."""
+    message = parsed.message
+    certificate = getattr(message, "certificate", None)
+    return getattr(message, "certificate_id", None) or (certificate.id if certificate is not None else None)
+
+
+def error_reply(envelope: Envelope, code: Code, message: str) -> Reply:
+    return Reply.for_code(code, envelope.message_id or "", message)

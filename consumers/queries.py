@@ -1,0 +1,88 @@
+"""The queries (CONTRACT.md §6): the citizen's get/list (slide 4), care's get/list (slide 5), consent, recipients.
+Read-only: they take no locks and change nothing."""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+
+from contracts.queries import (GetCertificate, GetCertificateForCare, GetConsent, ListCertificates,
+                               ListCertificatesForCare, ListRecipients)
+from contracts.replies import Reply
+from consumers.context import Context, Handled
+from consumers.wire import stored_for_care, stored_for_citizen
+from domain import lifecycle
+from domain.errors import Refused
+from domain.model import HIDDEN_FROM_CITIZEN, Certificate
+from domain.ports import CitizenFilter, PageKey, UnitOfWork
+
+
+def get_certificate(message: GetCertificate, uow: UnitOfWork, ctx: Context) -> Handled:
+    consent = uow.consents.get(message.patient_id)
+    certificate = lifecycle.citizen_get(uow.certificates.get(message.certificate_id, with_document=True), consent)
+    return _ok(ctx, stored_for_citizen(certificate, with_document=True))
+
+
+def list_certificates(message: ListCertificates, uow: UnitOfWork, ctx: Context) -> Handled:
+    lifecycle.require_consent(uow.consents.get(message.patient_id))
+    query = CitizenFilter(patient_id=message.patient_id, archived=message.archived, types=frozenset(message.types),
+                          hidden_types=HIDDEN_FROM_CITIZEN, signed_from=message.signed_from,
+                          signed_to=message.signed_to)
+    page = uow.certificates.list_for_citizen(query, _page_key(message.page_token), message.page_size + 1)
+    return _page(ctx, page, message.page_size, lambda c: stored_for_citizen(c, with_document=False))
+
+
+def get_certificate_for_care(message: GetCertificateForCare, uow: UnitOfWork, ctx: Context) -> Handled:
+    certificate = lifecycle.care_get(uow.certificates.get(message.certificate_id, with_document=True),
+                                     message.care_giver_id)
+    return _ok(ctx, stored_for_care(certificate, with_document=True))
+
+
+def list_certificates_for_care(message: ListCertificatesForCare, uow: UnitOfWork, ctx: Context) -> Handled:
+    page = uow.certificates.list_for_care(message.patient_id, message.care_giver_id,
+                                          frozenset(message.care_unit_ids), _page_key(message.page_token),
+                                          message.page_size + 1)
+    return _page(ctx, page, message.page_size, lambda c: stored_for_care(c, with_document=False))
+
+
+def get_consent(message: GetConsent, uow: UnitOfWork, ctx: Context) -> Handled:
+    consent = uow.consents.get(message.patient_id)
+    changed_at = consent.changed_at.isoformat() if consent.changed_at else None
+    return _ok(ctx, {"given": consent.given, "changed_at": changed_at})
+
+
+def list_recipients(message: ListRecipients, uow: UnitOfWork, ctx: Context) -> Handled:
+    recipients = [
+        {"id": r.id, "name": r.name, "certificate_types": sorted(r.certificate_types), "trusted": r.trusted,
+         "active": r.active}
+        for r in ctx.catalogue.recipients.values()
+        if message.certificate_type is None or message.certificate_type in r.certificate_types
+    ]
+    return _ok(ctx, {"recipients": recipients})
+
+
+def _ok(ctx: Context, data: dict) -> Handled:
+    return Handled(Reply.ok(ctx.request_id, "OK", data))
+
+
+def _page(ctx: Context, rows, page_size: int, render) -> Handled:
+    """One row more than asked for tells whether a next page exists, without counting."""
+    shown: list[Certificate] = list(rows[:page_size])
+    token = _page_token(shown[-1]) if len(rows) > page_size else None
+    return _ok(ctx, {"certificates": [render(c) for c in shown], "next_page_token": token})
+
+
+def _page_token(last: Certificate) -> str:
+    raw = json.dumps({"s": last.signed_at.isoformat(), "i": last.id}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _page_key(token: str | None) -> PageKey | None:
+    if token is None:
+        return None
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        return PageKey(dt.datetime.fromisoformat(raw["s"]), str(raw["i"]))
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise Refused("INVALID_MESSAGE", "page_token is not a token this service gave out") from None
