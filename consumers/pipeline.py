@@ -100,6 +100,9 @@ def parse(envelope: Envelope, policy: Policy) -> Parsed:
         raise Invalid(Code.INVALID_MESSAGE, "a query needs reply_to")
     if len(envelope.body) > policy.max_body_bytes:
         raise Invalid(Code.INVALID_MESSAGE, f"body is larger than {policy.max_body_bytes} bytes")
+    if b"\\u0000" in envelope.body:
+        # PostgreSQL text cannot hold NUL; refusing it here beats a dead letter from the database.
+        raise Invalid(Code.INVALID_MESSAGE, "text may not contain NUL characters (\\u0000)")
     try:
         message = route.model.model_validate_json(envelope.body)
     except ValidationError as error:

@@ -37,7 +37,7 @@ def remove_care_copy(message: RemoveCareCopy, uow: UnitOfWork, ctx: Context) -> 
 def remove_care_copies(message: RemoveCareCopies, uow: UnitOfWork, ctx: Context) -> Handled:
     """A care giver leaves: the same rule for each of its certificates, in bounded batches. Each call handles one
     batch and keeps running totals, so a crash in the middle resumes where it stopped."""
-    batch = uow.certificates.care_copies(message.care_giver_id, ctx.bulk_batch_size)
+    batch = uow.certificates.care_copies(message.care_giver_id, ctx.bulk_batch_size, for_update=False)
     citizen_only = purged = 0
     facts: list = []
     for patient_id in sorted({c.patient_id for c in batch}):

@@ -52,7 +52,7 @@ class Certificates(Protocol):
 
     def without_care_copy(self, patient_id: str, *, for_update: bool = False) -> Sequence[Certificate]: ...
 
-    def care_copies(self, care_giver_id: str, limit: int) -> Sequence[Certificate]:
+    def care_copies(self, care_giver_id: str, limit: int, *, for_update: bool = True) -> Sequence[Certificate]:
         """Up to `limit` certificates of the care giver that still have a care copy (a care giver leaving)."""
 
 

@@ -6,7 +6,7 @@ import json
 from functools import cached_property
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.model import Catalogue, Recipient
@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     enforce_roles: bool = False
     roles: dict[str, UserRole] = Field(default_factory=dict)  # broker user -> role
     log_level: str = "INFO"
+    # Salt for the patient hash in log lines; set one secret value for every instance to correlate their logs.
+    # Empty: a random salt per process (hashes then only correlate within one process's lifetime).
+    log_salt: str = ""
+    reconnect_max_s: float = 30.0  # cap of the jittered exponential back-off when the broker is away
+    # Fault injection for the crash test: SIGKILL right after the commit that included this message_id.
+    crash_after_commit: str | None = Field(
+        default=None, validation_alias=AliasChoices("INTYG_CRASH_AFTER_COMMIT", "crash_after_commit"))
 
     @cached_property
     def catalogue(self) -> Catalogue:
@@ -77,6 +84,8 @@ class Settings(BaseSettings):
         shown = json.loads(self.model_dump_json())
         for key in ("amqp_url", "database_url"):
             shown[key] = _without_password(shown[key])
+        if shown.get("log_salt"):
+            shown["log_salt"] = "***"
         return shown
 
 

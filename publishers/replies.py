@@ -1,0 +1,75 @@
+"""Publishing straight from a consumer thread, on that thread's own connection (pika is not thread-safe):
+query replies, error replies to invalid messages, retry copies and dead letters.
+
+The channel is in confirm mode and every publish waits for the broker's ack, so the loop acknowledges a delivery
+only once what replaces it is safely with the broker. A nack raises `NackError`; a copy that no queue takes
+(`mandatory=True`, e.g. an operator deleted the DLQ) raises `UnroutableError`. Replies are published with
+`mandatory=False`: a requester that went away (its reply queue is gone) must not hold anything up.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pika
+from pika.exceptions import NackError, UnroutableError
+
+from contracts.replies import Reply
+from storage.outbox import OutboxMessage
+
+__all__ = ["DirectPublisher", "NackError", "UnroutableError", "copy_properties"]
+
+PERSISTENT = pika.DeliveryMode.Persistent
+
+
+class DirectPublisher:
+    """Wraps a BlockingChannel (opened for publishing only) in confirm mode."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        channel.confirm_delivery()
+
+    def reply(self, reply_to: str, reply: Reply, *, correlation_id: str | None) -> None:
+        """A reply to the default exchange with `reply_to` as routing key (works with amq.rabbitmq.reply-to)."""
+        self.message(OutboxMessage(kind="reply", exchange="", routing_key=reply_to,
+                                   message_id=f"reply-{reply.request_id}", correlation_id=correlation_id,
+                                   body=reply.model_dump_json().encode()))
+
+    def message(self, message: OutboxMessage) -> None:
+        """An outbox-shaped message (as `pipeline.reply_message` builds one), published at once."""
+        mandatory = message.kind != "reply"
+        properties = pika.BasicProperties(
+            content_type=message.content_type, delivery_mode=PERSISTENT, message_id=message.message_id,
+            correlation_id=message.correlation_id, headers=dict(message.headers) or None,
+            type=message.routing_key if message.kind == "event" else None)
+        self.channel.basic_publish(message.exchange, message.routing_key, message.body, properties,
+                                   mandatory=mandatory)
+
+    def copy(self, queue: str, body: bytes, properties: pika.BasicProperties) -> None:
+        """A retry copy or a dead letter, straight into `queue` (default exchange); raises unless confirmed."""
+        self.channel.basic_publish("", queue, body, properties, mandatory=True)
+
+
+def copy_properties(original: pika.BasicProperties, headers: Mapping[str, Any], *,
+                    user_id: str | None = None) -> pika.BasicProperties:
+    """The message's own properties with new headers, made persistent.
+
+    Changed on purpose: `user_id` (the broker refuses a publish whose user_id is not the publisher's own, so the
+    original sender travels in the `x-intyg-original-user-id` header; pass `user_id` = our own broker user to
+    mark a retry copy as ours) and `expiration` (a dead letter must not expire from its DLQ)."""
+    return pika.BasicProperties(
+        content_type=original.content_type,
+        content_encoding=original.content_encoding,
+        headers=dict(headers),
+        delivery_mode=PERSISTENT,
+        priority=original.priority,
+        correlation_id=original.correlation_id,
+        reply_to=original.reply_to,
+        expiration=None,
+        message_id=original.message_id,
+        timestamp=original.timestamp,
+        type=original.type,
+        user_id=user_id,
+        app_id=original.app_id,
+        cluster_id=original.cluster_id,
+    )

@@ -1,0 +1,107 @@
+"""Logging: one JSON object per line on stdout (12-factor), through structlog.
+
+No personnummer in clear (CONTRACT §8): the message log line carries `patient_hash(pid)` (a salted sha256 prefix,
+the same for one patient within one deployment when `LOG_SALT` is set), and as a safety net every string in every
+log line, tracebacks included, is scrubbed of anything that looks like a personnummer or samordningsnummer.
+Library logs (pika, SQLAlchemy) go through the same renderer.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+# YYYYMMDDNNNN / YYMMDD-NNNN and friends, not glued to other digits.
+_PERSONNUMMER = re.compile(r"(?<![0-9])(?:(?:19|20)?[0-9]{6}[-+]?[0-9]{4})(?![0-9])")
+_MASK = "<personnummer>"
+
+_salt: bytes = secrets.token_bytes(16)  # replaced by configure(salt=...) for hashes comparable across processes
+
+
+def patient_hash(patient_id: str | None) -> str | None:
+    """A short, salted, one-way tag for a patient, for correlating log lines; None for None."""
+    if not patient_id:
+        return None
+    digits = patient_id.replace("-", "").replace("+", "")
+    return hashlib.sha256(_salt + digits.encode()).hexdigest()[:16]
+
+
+def scrub(text: str) -> str:
+    return _PERSONNUMMER.sub(_MASK, text)
+
+
+def _scrub_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, Mapping):
+        return {k: _scrub_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub_value(v) for v in value]
+    return value
+
+
+def scrub_personnummer(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the last line of defence against a personnummer in a log line."""
+    for key, value in list(event_dict.items()):
+        if key != "patient":  # already a hash
+            event_dict[key] = _scrub_value(value)
+    return event_dict
+
+
+def configure(level: str = "INFO", *, salt: str | None = None, stream: Any = None) -> None:
+    """Configure structlog and the standard library's logging (idempotent; call once at start-up)."""
+    global _salt
+    if salt:
+        _salt = salt.encode()
+    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else int(level)
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    stream = stream or sys.stdout
+
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    # Plain-text tracebacks (dict tracebacks would show local variables: personnummer).
+    tail: list[Any] = [structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info,
+                       scrub_personnummer]
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.add_logger_name, *tail,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, *tail],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.JSONRenderer(ensure_ascii=False)],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_intygstjanst", False):
+            root.removeHandler(old)
+    handler._intygstjanst = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    # pika narrates every reconnect at INFO and dumps tracebacks at ERROR; the service says what matters itself.
+    logging.getLogger("pika").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("pika.adapters.utils.io_services_utils").setLevel(logging.CRITICAL)
+    logging.getLogger("pika.adapters.blocking_connection").setLevel(logging.CRITICAL)
+    logging.getLogger("pika.adapters.base_connection").setLevel(logging.CRITICAL)
+    logging.getLogger("pika.adapters.utils.connection_workflow").setLevel(logging.CRITICAL)
+    logging.getLogger("pika.connection").setLevel(logging.ERROR)
+
+
+def get_logger(name: str = "intygstjanst", **bound: Any) -> Any:
+    return structlog.get_logger(name).bind(**bound)

@@ -1,0 +1,203 @@
+"""`domain.ports.Certificates` on PostgreSQL.
+
+Statuses are append-only, so `save` writes only the ones added since the certificate was loaded: the repository
+remembers how many it loaded or stored per certificate id (callers `get(..., for_update=True)` before changing a
+certificate, so that count is current). A list loads the statuses of its whole page in one extra query.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Row, Select, delete, func, insert, literal, select, tuple_, update
+from sqlalchemy.dialects.postgresql import TIMESTAMP
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from domain.model import Certificate, StatusChange
+from domain.ports import CitizenFilter, PageKey
+from storage.tables import certificate_documents as documents
+from storage.tables import certificate_statuses as statuses
+from storage.tables import certificates as certs
+from storage.tables import tombstones
+
+# Dates in a list filter are Swedish calendar days: a certificate signed 00:30 Swedish time on the 1st belongs
+# to the 1st, although it is still the 31st in UTC.
+CALENDAR_ZONE = "Europe/Stockholm"
+
+_COLUMNS = (certs.c.id, certs.c.type, certs.c.patient_id, certs.c.care_giver_id, certs.c.care_unit_id,
+            certs.c.signed_at, certs.c.test_certificate, certs.c.fingerprint, certs.c.content,
+            certs.c.available_to_care, certs.c.archived, certs.c.revoked_at)
+_DOCUMENT = (documents.c.media_type, documents.c.encoding, documents.c.content.label("document_content"))
+
+
+def _date(value: Any) -> dt.date | None:
+    if value is None or isinstance(value, dt.date):
+        return value
+    return dt.date.fromisoformat(value)
+
+
+def _day_start(day: dt.date):
+    """The instant the Swedish calendar day begins, computed by PostgreSQL's own time zone data."""
+    return func.timezone(CALENDAR_ZONE, literal(dt.datetime.combine(day, dt.time()), TIMESTAMP(timezone=False)))
+
+
+class SqlCertificates:
+    def __init__(self, connection: Connection) -> None:
+        self._conn = connection
+        self._stored: dict[str, int] = {}  # certificate id -> statuses known to be in the database
+
+    def forget(self) -> None:
+        """After a rollback to a savepoint the counts may be ahead of the database; load again to be sure."""
+        self._stored.clear()
+
+    # --- reading -------------------------------------------------------------------------------------------
+    def get(self, certificate_id: str, *, with_document: bool = False, for_update: bool = False) -> Certificate | None:
+        query = select(*_COLUMNS).where(certs.c.id == certificate_id)
+        if with_document:
+            query = query.add_columns(*_DOCUMENT).outerjoin(documents, documents.c.certificate_id == certs.c.id)
+        if for_update:
+            query = query.with_for_update(of=certs)
+        row = self._conn.execute(query).first()
+        if row is None:
+            return None
+        return self._with_statuses([row], with_document)[0]
+
+    def is_purged(self, certificate_id: str) -> bool:
+        found = self._conn.execute(select(literal(1)).where(tombstones.c.certificate_id == certificate_id)).first()
+        return found is not None
+
+    def list_for_citizen(self, query: CitizenFilter, after: PageKey | None, limit: int) -> Sequence[Certificate]:
+        conditions = [certs.c.patient_id == query.patient_id, certs.c.archived == query.archived]
+        if query.types:
+            conditions.append(certs.c.type.in_(sorted(query.types)))
+        if query.hidden_types:
+            conditions.append(certs.c.type.not_in(sorted(query.hidden_types)))
+        if query.signed_from is not None:
+            conditions.append(certs.c.signed_at >= _day_start(query.signed_from))
+        if query.signed_to is not None:
+            conditions.append(certs.c.signed_at < _day_start(query.signed_to + dt.timedelta(days=1)))
+        return self._page(select(*_COLUMNS).where(*conditions), after, limit)
+
+    def list_for_care(self, patient_id: str, care_giver_id: str, care_unit_ids: frozenset[str],
+                      after: PageKey | None, limit: int) -> Sequence[Certificate]:
+        if not care_unit_ids:
+            return []
+        query = select(*_COLUMNS).where(
+            certs.c.patient_id == patient_id,
+            certs.c.care_giver_id == care_giver_id,
+            certs.c.available_to_care,  # the partial index's predicate, written the same way
+            certs.c.care_unit_id.in_(sorted(care_unit_ids)),
+        )
+        return self._page(query, after, limit)
+
+    def without_care_copy(self, patient_id: str, *, for_update: bool = False) -> Sequence[Certificate]:
+        query = (select(*_COLUMNS)
+                 .where(certs.c.patient_id == patient_id, ~certs.c.available_to_care)
+                 .order_by(certs.c.id))
+        if for_update:
+            query = query.with_for_update()
+        return self._with_statuses(self._conn.execute(query).all())
+
+    def care_copies(self, care_giver_id: str, limit: int, *, for_update: bool = True) -> Sequence[Certificate]:
+        """Locked in id order (no SKIP LOCKED: every copy must be handled, a locked one just waits).
+        `for_update=False` lets a caller take its patient locks first and lock each row after, in the same
+        order as every other command (patient, then row), which avoids deadlocks with them."""
+        query = (select(*_COLUMNS)
+                 .where(certs.c.care_giver_id == care_giver_id, certs.c.available_to_care)
+                 .order_by(certs.c.id).limit(limit))
+        if for_update:
+            query = query.with_for_update()
+        return self._with_statuses(self._conn.execute(query).all())
+
+    def _page(self, query: Select, after: PageKey | None, limit: int) -> list[Certificate]:
+        if after is not None:
+            query = query.where(tuple_(certs.c.signed_at, certs.c.id) < tuple_(after.signed_at, after.certificate_id))
+        query = query.order_by(certs.c.signed_at.desc(), certs.c.id.desc()).limit(limit)
+        return self._with_statuses(self._conn.execute(query).all())
+
+    def _with_statuses(self, rows: Sequence[Row], with_document: bool = False) -> list[Certificate]:
+        if not rows:
+            return []
+        ids = [row.id for row in rows]
+        by_id: dict[str, list[StatusChange]] = defaultdict(list)
+        found = self._conn.execute(
+            select(statuses.c.certificate_id, statuses.c.status, statuses.c.target, statuses.c.at)
+            .where(statuses.c.certificate_id.in_(ids))
+            .order_by(statuses.c.certificate_id, statuses.c.position))
+        for status in found:
+            by_id[status.certificate_id].append(StatusChange(status.status, status.target, status.at))
+        result = []
+        for row in rows:
+            changes = by_id.get(row.id, [])
+            self._stored[row.id] = len(changes)
+            result.append(Certificate(
+                id=row.id, type=row.type, patient_id=row.patient_id, care_giver_id=row.care_giver_id,
+                care_unit_id=row.care_unit_id, signed_at=row.signed_at, test_certificate=row.test_certificate,
+                fingerprint=row.fingerprint, content=row.content, available_to_care=row.available_to_care,
+                archived=row.archived, revoked_at=row.revoked_at, statuses=changes,
+                document=_document(row) if with_document else None,
+            ))
+        return result
+
+    # --- writing -------------------------------------------------------------------------------------------
+    def add(self, certificate: Certificate) -> None:
+        content = certificate.content
+        self._conn.execute(insert(certs).values(
+            id=certificate.id, patient_id=certificate.patient_id, type=certificate.type,
+            type_version=content.get("type_version"), signed_at=certificate.signed_at,
+            valid_from=_date(content.get("valid_from")), valid_to=_date(content.get("valid_to")),
+            care_unit_id=certificate.care_unit_id, care_giver_id=certificate.care_giver_id,
+            test_certificate=certificate.test_certificate, fingerprint=certificate.fingerprint, content=content,
+            available_to_care=certificate.available_to_care, archived=certificate.archived,
+            revoked_at=certificate.revoked_at,
+        ))
+        if certificate.document is not None:
+            document = certificate.document
+            self._conn.execute(insert(documents).values(
+                certificate_id=certificate.id, media_type=document["media_type"],
+                encoding=document.get("encoding") or "utf-8", content=document["content"]))
+        self._stored[certificate.id] = 0
+        self._insert_statuses(certificate, 0)
+
+    def save(self, certificate: Certificate) -> None:
+        self._conn.execute(update(certs).where(certs.c.id == certificate.id).values(
+            available_to_care=certificate.available_to_care, archived=certificate.archived,
+            revoked_at=certificate.revoked_at))
+        stored = self._stored.get(certificate.id)
+        if stored is None:  # not loaded through this repository (or forgotten after a savepoint rollback)
+            stored = self._conn.execute(
+                select(func.count()).where(statuses.c.certificate_id == certificate.id)).scalar_one()
+        self._insert_statuses(certificate, stored)
+
+    def purge(self, certificate: Certificate, reason: str, at: dt.datetime) -> None:
+        # Document and statuses go with the row (ON DELETE CASCADE); the tombstone keeps the id from coming back.
+        self._conn.execute(delete(certs).where(certs.c.id == certificate.id))
+        self._conn.execute(pg_insert(tombstones).values(certificate_id=certificate.id, purged_at=at, reason=reason)
+                           .on_conflict_do_nothing(index_elements=[tombstones.c.certificate_id]))
+        self._stored.pop(certificate.id, None)
+
+    def _insert_statuses(self, certificate: Certificate, stored: int) -> None:
+        new = certificate.statuses[stored:]
+        if not new:
+            return
+        self._conn.execute(insert(statuses).values([
+            {"certificate_id": certificate.id, "position": position, "status": change.status,
+             "target": change.target, "at": change.at}
+            for position, change in enumerate(new, start=stored)]))
+        self._stored[certificate.id] = len(certificate.statuses)
+
+
+def _document(row: Row) -> dict[str, Any] | None:
+    if row.media_type is None:
+        return None
+    return {"media_type": row.media_type, "encoding": row.encoding, "content": row.document_content}
+
+
+def page_key(certificate: Certificate) -> PageKey:
+    """The key of the last certificate on a page, from which the next page starts."""
+    return PageKey(certificate.signed_at, certificate.id)
+
+
+__all__ = ("SqlCertificates", "page_key", "CALENDAR_ZONE")

@@ -1,0 +1,104 @@
+"""The transactional outbox: replies and events are written in the transaction that made the change, and a relay
+publishes them afterwards (CONTRACT §8: change, events and reply are atomic; published at least once).
+
+Order: ids are a sequence, so rows are published in the order they were written. Two changes to one certificate
+are serialised by its row lock, so the later change's rows always get higher ids and are committed after the
+earlier ones: publishing in id order keeps each certificate's events in order, provided that only one relay
+publishes at a time (`try_lead`) and that it stops at the first row it fails to publish instead of skipping it.
+
+The relay functions take a plain Connection and leave committing to the caller.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, text, update
+
+from storage.tables import outbox
+
+RELAY_LOCK = (2, 1)  # advisory lock namespace 2 (1 = patients, 3 = migrations)
+MAX_ERROR_LENGTH = 2000
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    kind: str  # 'reply' (default exchange, routing key = reply_to) or 'event'
+    exchange: str
+    routing_key: str
+    message_id: str
+    body: bytes
+    correlation_id: str | None = None
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxRow(OutboxMessage):
+    id: int
+    attempts: int = 0
+
+
+class SqlOutbox:
+    def __init__(self, connection: Connection) -> None:
+        self._conn = connection
+
+    def add(self, messages: Sequence[OutboxMessage]) -> None:
+        """All of one message's replies and events in a single multi-row INSERT, ids in list order."""
+        if not messages:
+            return
+        self._conn.execute(insert(outbox).values([
+            {"kind": m.kind, "exchange": m.exchange, "routing_key": m.routing_key, "message_id": m.message_id,
+             "correlation_id": m.correlation_id, "content_type": m.content_type, "headers": dict(m.headers),
+             "body": m.body}
+            for m in messages]))
+
+
+def try_lead(conn: Connection) -> bool:
+    """Become the one publishing relay, without waiting. The lock belongs to the database session, not the
+    transaction: keep this connection checked out for as long as you lead, and give it up with `release_lead`
+    (or by closing the connection; a crashed leader's lock goes with its session). A session that already leads
+    and calls again stacks the lock: call `release_lead` as often as `try_lead` returned True."""
+    return bool(conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"),
+                             {"a": RELAY_LOCK[0], "b": RELAY_LOCK[1]}).scalar_one())
+
+
+def release_lead(conn: Connection) -> bool:
+    return bool(conn.execute(text("SELECT pg_advisory_unlock(:a, :b)"),
+                             {"a": RELAY_LOCK[0], "b": RELAY_LOCK[1]}).scalar_one())
+
+
+def unpublished(conn: Connection, limit: int) -> list[OutboxRow]:
+    """The oldest unpublished rows, in publication (id) order."""
+    rows = conn.execute(
+        select(outbox.c.id, outbox.c.attempts, outbox.c.kind, outbox.c.exchange, outbox.c.routing_key,
+               outbox.c.message_id, outbox.c.body, outbox.c.correlation_id, outbox.c.headers, outbox.c.content_type)
+        .where(outbox.c.published_at.is_(None)).order_by(outbox.c.id).limit(limit))
+    return [OutboxRow(id=r.id, attempts=r.attempts, kind=r.kind, exchange=r.exchange, routing_key=r.routing_key,
+                      message_id=r.message_id, body=bytes(r.body), correlation_id=r.correlation_id,
+                      headers=r.headers or {}, content_type=r.content_type) for r in rows]
+
+
+def mark_published(conn: Connection, ids: Sequence[int]) -> int:
+    if not ids:
+        return 0
+    return conn.execute(update(outbox).where(outbox.c.id.in_(list(ids)), outbox.c.published_at.is_(None))
+                        .values(published_at=func.now())).rowcount
+
+
+def mark_failed(conn: Connection, id: int, error: str) -> None:
+    """Count a failed attempt. The relay should then stop this round rather than publish later rows, or one
+    certificate's events could overtake each other."""
+    conn.execute(update(outbox).where(outbox.c.id == id)
+                 .values(attempts=outbox.c.attempts + 1, last_error=error[:MAX_ERROR_LENGTH]))
+
+
+def delete_published_before(conn: Connection, cutoff: dt.datetime) -> int:
+    """Housekeeping: published rows older than `cutoff` have done their job."""
+    return conn.execute(delete(outbox).where(outbox.c.published_at < cutoff)).rowcount
+
+
+def pending_count(conn: Connection) -> int:
+    return conn.execute(select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))).scalar_one()

@@ -1,0 +1,128 @@
+"""The schema as SQLAlchemy Core tables; `migrations/versions` must create exactly this (a test compares them).
+
+Choices worth knowing:
+- Certificate ids use the "C" collation: they are ASCII by contract, and keyset paging compares them, so the
+  order must not depend on the server's locale (and "C" compares fastest).
+- The document lives in its own table. Lists and most commands never need it; kept apart, the certificates
+  heap stays narrow (a small document would otherwise sit inline in every row a list reads) and the document
+  is only read by a join when it is returned or delivered. It is `text`, so it comes back byte for byte.
+- `content` is the registered JSON without the document, as jsonb: the wire shape is rebuilt from it.
+- Indexes follow the queries of CONTRACT §6 (see the comments on each).
+"""
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger, Boolean, CheckConstraint, Column, Date, DateTime, ForeignKey, Index, Integer, LargeBinary,
+    MetaData, PrimaryKeyConstraint, String, Table, Text, func, text,
+)
+from sqlalchemy.dialects.postgresql import CHAR, JSONB
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s",
+    "pk": "%(table_name)s_pkey",
+}
+metadata = MetaData(naming_convention=NAMING)
+
+CertificateId = Text(collation="C")
+Timestamp = DateTime(timezone=True)
+
+certificates = Table(
+    "certificates", metadata,
+    Column("id", CertificateId, primary_key=True),
+    Column("patient_id", CHAR(12), nullable=False),
+    Column("type", Text, nullable=False),
+    Column("type_version", Text, nullable=True),
+    Column("signed_at", Timestamp, nullable=False),
+    Column("valid_from", Date, nullable=True),
+    Column("valid_to", Date, nullable=True),
+    Column("care_unit_id", Text, nullable=False),
+    Column("care_giver_id", Text, nullable=False),
+    Column("test_certificate", Boolean, nullable=False),
+    Column("fingerprint", Text, nullable=False),
+    Column("content", JSONB, nullable=False),
+    Column("available_to_care", Boolean, nullable=False),
+    Column("archived", Boolean, nullable=False),
+    Column("revoked_at", Timestamp, nullable=True),
+    Column("registered_at", Timestamp, nullable=False, server_default=func.now()),
+    # certificate.list: equality on patient and archived, then already in newest-first order for the keyset.
+    Index("ix_certificates_citizen", "patient_id", "archived", text("signed_at DESC"), text("id DESC")),
+    # certificate.list-for-care: only care copies; the unit filter runs on the few rows of one patient.
+    Index("ix_certificates_care", "patient_id", "care_giver_id", text("signed_at DESC"), text("id DESC"),
+          postgresql_where=text("available_to_care")),
+    # care-giver.remove-care-copies: batches in id order.
+    Index("ix_certificates_care_giver_copies", "care_giver_id", "id", postgresql_where=text("available_to_care")),
+    # consent.set withdrawing: the patient's certificates without a care copy.
+    Index("ix_certificates_citizen_only", "patient_id", postgresql_where=text("NOT available_to_care")),
+)
+
+certificate_documents = Table(
+    "certificate_documents", metadata,
+    Column("certificate_id", CertificateId, ForeignKey("certificates.id", ondelete="CASCADE"), primary_key=True),
+    Column("media_type", Text, nullable=False),
+    Column("encoding", Text, nullable=False),
+    Column("content", Text, nullable=False),
+)
+
+certificate_statuses = Table(
+    "certificate_statuses", metadata,
+    Column("certificate_id", CertificateId, ForeignKey("certificates.id", ondelete="CASCADE"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("target", Text, nullable=True),
+    Column("at", Timestamp, nullable=False),
+    PrimaryKeyConstraint("certificate_id", "position"),
+)
+
+tombstones = Table(
+    "tombstones", metadata,
+    Column("certificate_id", CertificateId, primary_key=True),
+    Column("purged_at", Timestamp, nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+consents = Table(
+    "consents", metadata,
+    Column("patient_id", CHAR(12), primary_key=True),
+    Column("given", Boolean, nullable=False),
+    Column("changed_at", Timestamp, nullable=True),
+)
+
+inbox = Table(
+    "inbox", metadata,
+    Column("message_id", String(128), primary_key=True),
+    Column("message_type", Text, nullable=False),
+    Column("handled_at", Timestamp, nullable=False, server_default=func.now()),
+    Column("reply", JSONB, nullable=True),
+    CheckConstraint("length(message_id) >= 1", name="message_id_not_empty"),
+)
+
+outbox = Table(
+    "outbox", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),  # bigserial: publication order
+    Column("kind", Text, nullable=False),
+    Column("exchange", Text, nullable=False),
+    Column("routing_key", Text, nullable=False),
+    Column("message_id", Text, nullable=False),
+    Column("correlation_id", Text, nullable=True),
+    Column("content_type", Text, nullable=False),
+    Column("headers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("body", LargeBinary, nullable=False),
+    Column("created_at", Timestamp, nullable=False, server_default=func.now()),
+    Column("published_at", Timestamp, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text, nullable=True),
+    CheckConstraint("kind IN ('reply', 'event')", name="kind"),
+    # The relay's only query: the oldest unpublished rows; published ones drop out of the index.
+    Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+)
+
+bulk_progress = Table(
+    "bulk_progress", metadata,
+    Column("message_id", String(128), primary_key=True),
+    Column("citizen_only", Integer, nullable=False),
+    Column("purged", Integer, nullable=False),
+    Column("updated_at", Timestamp, nullable=False, server_default=func.now()),
+)
