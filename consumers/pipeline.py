@@ -104,7 +104,8 @@ def parse(envelope: Envelope, policy: Policy) -> Parsed:
         # PostgreSQL text cannot hold NUL; refusing it here beats a dead letter from the database.
         raise Invalid(Code.INVALID_MESSAGE, "text may not contain NUL characters (\\u0000)")
     try:
-        message = route.model.model_validate_json(envelope.body)
+        # strict: a JSON string is not a bool nor a number ("given": "no" must not withdraw consent)
+        message = route.model.model_validate_json(envelope.body, strict=True)
     except ValidationError as error:
         raise _invalid(error) from None
     return Parsed(envelope, route, message)
@@ -118,7 +119,8 @@ def _invalid(error: ValidationError) -> Invalid:
     if problems and all(p["type"] == "model_type" and not p["loc"] for p in problems):
         return Invalid(Code.INVALID_MESSAGE, "body is not a JSON object")
     text = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in problems)
-    only_patient = all(p["loc"] and p["loc"][-1] == "patient_id" and p["type"] == "value_error" for p in problems)
+    only_patient = all(p["loc"] and p["loc"][-1] == "patient_id" and p["type"] in ("value_error", "string_too_long")
+                       for p in problems)
     return Invalid(Code.INVALID_PERSONNUMMER if only_patient else Code.INVALID_MESSAGE, text)
 
 

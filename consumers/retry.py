@@ -83,6 +83,11 @@ def history(headers: Mapping[str, Any] | None, now: dt.datetime, *, returned: bo
                    original_routing_key=_str(headers.get(H_ORIGINAL_ROUTING_KEY)))
 
 
+def original_user(headers: Mapping[str, Any] | None) -> str | None:
+    """The sender of a returned retry copy (it travels in `x-intyg-original-user-id`)."""
+    return _str((headers or {}).get(H_ORIGINAL_USER_ID))
+
+
 def routing_key(delivered: str, past: History) -> str:
     """The routing key to handle the message under: the original one for a returned retry copy."""
     return past.original_routing_key or delivered

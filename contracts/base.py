@@ -7,7 +7,7 @@ from typing import Annotated
 from personnummer import personnummer
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, StringConstraints
 
-_PATIENT_ID = re.compile(r"^(\d{8})-?(\d{4})$")
+_PATIENT_ID = re.compile(r"([0-9]{8})-?([0-9]{4})")  # ASCII digits only: `\d` takes any script's
 
 
 class Strict(BaseModel):
@@ -18,7 +18,7 @@ class Strict(BaseModel):
 
 def _patient_id(value: str) -> str:
     """Accept `YYYYMMDDNNNN` or `YYYYMMDD-NNNN`; check date (day+60 for samordningsnummer) and Luhn digit."""
-    match = _PATIENT_ID.match(value)
+    match = _PATIENT_ID.fullmatch(value)
     if not match or not personnummer.valid(value):
         # The value itself is never echoed: it may be a personnummer with a typo.
         raise ValueError("not a valid personnummer or samordningsnummer")

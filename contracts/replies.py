@@ -1,10 +1,17 @@
 """The one reply every message with `reply_to` gets (CONTRACT.md §3)."""
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Any
 
+from pydantic import field_validator
+
 from contracts.base import Strict
+
+# Anything shaped like a personnummer (10 or 12 digits, optionally `-`/`+` before the last four). A message may
+# echo what the sender wrote (a routing key, a field name, a type), and that may be a personnummer.
+_PERSONNUMMER_LIKE = re.compile(r"(?<![0-9])(?:[0-9]{2})?[0-9]{6}[-+]?[0-9]{4}(?![0-9])")
 
 
 class Result(str, Enum):
@@ -68,6 +75,12 @@ class Reply(Strict):
     message: str
     request_id: str
     data: dict[str, Any] | None = None
+
+    @field_validator("message")
+    @classmethod
+    def _no_personnummer(cls, message: str) -> str:
+        """§3: the message never contains a personnummer, whatever a handler put into it."""
+        return _PERSONNUMMER_LIKE.sub("[personnummer]", message)
 
     @classmethod
     def ok(cls, request_id: str, message: str = "OK", data: dict[str, Any] | None = None) -> Reply:

@@ -65,6 +65,7 @@ class RelayStats:
     """Counters for health checks and logs (written by the relay thread only)."""
 
     leader: bool = False
+    connected: bool = False  # leading, connected to the broker and publishing
     published: int = 0  # rows marked published
     batches: int = 0
     unroutable_replies: int = 0
@@ -182,9 +183,9 @@ class OutboxRelay:
                     self._sleep(backoff)
                     backoff = min(backoff * 2, self.backoff_max_s)
                     continue
+                if self._stop_request()[0]:
+                    break  # flushed (or another instance leads and will publish what is left)
                 if published is None:  # another instance leads
-                    if self._stop_requested:
-                        break
                     self._sleep(self.lead_poll_s)
                     continue
                 backoff = self.backoff_initial_s
@@ -306,6 +307,7 @@ class _Session:
                 self._timer("deadline", max(0.0, self.deadline - time.monotonic()), self._on_deadline)
             self.conn.ioloop.start()
         finally:
+            self.relay.stats.connected = False
             self.relay._detach(self)
             try:
                 self.conn.ioloop.close()
@@ -375,6 +377,7 @@ class _Session:
                                       callback=self._guard(self._on_ready))
 
     def _on_ready(self, _frame: Any) -> None:
+        self.relay.stats.connected = True
         self.log.info("relay connected")
         self._pump()
 

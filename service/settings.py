@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # Salt for the patient hash in log lines; set one secret value for every instance to correlate their logs.
     # Empty: a random salt per process (hashes then only correlate within one process's lifetime).
     log_salt: str = ""
+    # Consumer threads (each with its own connection and transaction) on the queues where order does not matter,
+    # intyg.registration and intyg.query; the others always have one, so that commands keep their order.
+    parallel_consumers: int = Field(default=1, ge=1, le=16)
     reconnect_max_s: float = 30.0  # cap of the jittered exponential back-off when the broker is away
     # Fault injection for the crash test: SIGKILL right after the commit that included this message_id.
     crash_after_commit: str | None = Field(

@@ -6,7 +6,7 @@ reconnect, and from `intygstjanst topology`.
 - `Q.dlq`: durable quorum queue per service queue;
 - `Q.retry.<ms>ms`: durable classic queue per service queue and delay, with a message TTL, dead-lettering to the
   default exchange with routing key `Q`, so that a retry copy returns to `Q` after the delay;
-- `recipient.R`: durable quorum queue per configured recipient, bound to `intyg.events` with `recipient.R.#`.
+- `recipient.R`: durable (classic) queue per configured recipient, bound to `intyg.events` with `recipient.R.#`.
 
 A queue that already exists with other arguments (say, a classic `intyg.status` from an older version) makes the
 broker close the channel with PRECONDITION_FAILED; `TopologyConflict` then names the queue.
@@ -30,6 +30,8 @@ from contracts.topology import (
 )
 
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+# Recipient queues are plain durable (classic) queues; the outbox relay re-declares a missing one with these.
+RECIPIENT_ARGUMENTS: dict[str, Any] | None = None
 
 
 class TopologyConflict(RuntimeError):
@@ -68,8 +70,9 @@ def planned(settings: Any) -> Summary:
                 "x-message-ttl": ttl_ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}))
     for recipient in settings.recipients:
         rid = recipient.id
-        summary.queues.append(DeclaredQueue(recipient_queue(rid), "quorum", "recipient",
-                                            [f"{EVENTS_EXCHANGE}: {recipient_binding(rid)}"], dict(QUORUM)))
+        summary.queues.append(DeclaredQueue(recipient_queue(rid), "classic", "recipient",
+                                            [f"{EVENTS_EXCHANGE}: {recipient_binding(rid)}"],
+                                            dict(RECIPIENT_ARGUMENTS or {})))
     return summary
 
 

@@ -30,6 +30,11 @@ class State:
     inbox: dict[str, dict[str, Any]] = field(default_factory=dict)
     outbox: list[Any] = field(default_factory=list)  # storage.outbox.OutboxMessage, in order
 
+    def snapshot(self) -> State:
+        """Stored values are never changed in place (reads copy, writes replace), so copying the containers is
+        enough to go back to this moment."""
+        return State(**{name: copy.copy(value) for name, value in vars(self).items()})
+
 
 def _copy(certificate: Certificate, with_document: bool, documents: dict) -> Certificate:
     document = copy.deepcopy(documents.get(certificate.id)) if with_document else None
@@ -98,7 +103,7 @@ class FakeCertificates:
         rows = [c for c in self._s.certificates.values() if c.patient_id == patient_id and not c.available_to_care]
         return self._out(sorted(rows, key=lambda c: c.id))
 
-    def care_copies(self, care_giver_id: str, limit: int) -> Sequence[Certificate]:
+    def care_copies(self, care_giver_id: str, limit: int, *, for_update: bool = True) -> Sequence[Certificate]:
         rows = [c for c in self._s.certificates.values() if c.care_giver_id == care_giver_id and c.available_to_care]
         return self._out(sorted(rows, key=lambda c: c.id)[:limit])
 
@@ -153,7 +158,7 @@ class FakeUnitOfWork:
 
     def __init__(self) -> None:
         self.state = State()
-        self._committed = copy.deepcopy(self.state)
+        self._committed = self.state.snapshot()
         self.locked: list[str] = []  # every lock_patient call, in order
         self.commits = 0
         self.certificates = FakeCertificates(self)
@@ -163,7 +168,7 @@ class FakeUnitOfWork:
         self.outbox = FakeOutbox(self)
 
     def __enter__(self) -> FakeUnitOfWork:
-        self._committed = copy.deepcopy(self.state)
+        self._committed = self.state.snapshot()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -173,15 +178,15 @@ class FakeUnitOfWork:
         self.locked.append(patient_id)
 
     def commit(self) -> None:
-        self._committed = copy.deepcopy(self.state)
+        self._committed = self.state.snapshot()
         self.commits += 1
 
     def rollback(self) -> None:
-        self.state = copy.deepcopy(self._committed)
+        self.state = self._committed.snapshot()
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
-        saved = copy.deepcopy(self.state)
+        saved = self.state.snapshot()
         try:
             yield
         except BaseException:

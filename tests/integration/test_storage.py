@@ -12,12 +12,10 @@ import threading
 import time
 import uuid
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, insert, select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from domain.model import Certificate, StatusChange
@@ -32,8 +30,10 @@ from storage.uow import SqlUnitOfWork
 
 try:
     from tests import factories
+    from tests.databases import FreshDatabase as _FreshDatabase
 except ImportError:  # tests/ itself on sys.path
     import factories
+    from databases import FreshDatabase as _FreshDatabase
 
 pytestmark = pytest.mark.integration
 
@@ -72,26 +72,6 @@ TABLES = ", ".join(t.name for t in metadata.sorted_tables)
 
 
 # --- databases --------------------------------------------------------------------------------------------------
-class _FreshDatabase:
-    """CREATE DATABASE next to `database_url`; dropped (FORCE) on exit."""
-
-    def __init__(self, database_url: str, suffix: str) -> None:
-        self.server = make_url(database_url)
-        self.name = f"{self.server.database}_{suffix}_{uuid.uuid4().hex[:6]}"
-        self.url = self.server.set(database=self.name).render_as_string(hide_password=False)
-
-    def _admin(self, sql: str) -> None:
-        with psycopg.connect(self.server.render_as_string(hide_password=False), autocommit=True) as conn:
-            conn.execute(sql)
-
-    def __enter__(self) -> str:
-        self._admin(f'CREATE DATABASE "{self.name}"')
-        return self.url
-
-    def __exit__(self, *exc: object) -> None:
-        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="module")
 def storage_url(database_url):
     with _FreshDatabase(database_url, "storage") as url:

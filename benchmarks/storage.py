@@ -1,0 +1,456 @@
+"""Storage benchmark: query latency and registration throughput through the handlers, on a realistic volume.
+
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres python benchmarks/storage.py
+    python benchmarks/storage.py --reuse              # measure again on the database loaded before
+    python benchmarks/storage.py --certificates 20000 --patients 4000 --database intyg_bench_small
+
+What it does:
+1. creates the database (`--database`, default `intyg_bench`) next to DATABASE_URL and migrates it;
+2. loads N certificates (documents about 1 KB) for P patients with COPY: mixed types, each patient's
+   certificates from 2-3 of the care givers, some archived, sent or revoked, some without a care copy, consent
+   for most patients (indexes and keys are dropped during the load and rebuilt after, exactly as migrated);
+3. VACUUM ANALYZE;
+4. certificate.list, certificate.get and certificate.list-for-care, each `--calls` times for random patients /
+   certificates after a warm-up, every call as the service runs it: `pipeline.parse` + `pipeline.process` in a
+   `SqlUnitOfWork` of its own (read-only: rolled back);
+5. `--registrations` new certificates through the register handler, (a) one message per transaction and
+   (b) `--batch` messages per transaction with a savepoint each (how the message loop does it); the certificates
+   registered here are deleted afterwards, so `--reuse` measures the same data again.
+It prints figures; it is not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg  # noqa: E402
+from psycopg import sql  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from consumers.pipeline import Envelope, Policy, parse, process  # noqa: E402
+from domain.model import fingerprint  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from storage import migrate  # noqa: E402
+from storage.engine import make_engine  # noqa: E402
+from storage.uow import SqlUnitOfWork  # noqa: E402
+
+LOADED_TABLES = ("certificates", "certificate_documents", "certificate_statuses")
+EMPTIED_TABLES = ("certificates", "certificate_documents", "certificate_statuses", "tombstones", "consents",
+                  "inbox", "outbox", "bulk_progress")
+TYPES = {  # type -> weight (percent); db and doi are death certificates, never shown to the citizen
+    "lisjp": 30, "fk7263": 8, "luse": 10, "luae_na": 5, "luae_fs": 5, "ts-bas": 8, "ts-diabetes": 5,
+    "tstrk1009": 3, "tstrk1062": 2, "af00213": 5, "af00251": 3, "ag114": 5, "ag7804": 8, "db": 2, "doi": 1,
+}
+RECIPIENT_OF = {"fk7263": "FKASSA", "lisjp": "FKASSA", "luse": "FKASSA", "luae_na": "FKASSA", "luae_fs": "FKASSA",
+                "ts-bas": "TRANSP", "ts-diabetes": "TRANSP", "tstrk1009": "TRANSP", "tstrk1062": "TRANSP",
+                "af00213": "AF", "af00251": "AF", "db": "SKV", "doi": "SOS"}
+CARE_GIVERS = 21  # the regions
+UNITS_PER_GIVER = 12
+CONSENT_SHARE = 0.9
+ARCHIVED_SHARE, SENT_SHARE, REVOKED_SHARE, CITIZEN_ONLY_SHARE = 0.10, 0.30, 0.02, 0.05
+LOREM = ("Patienten söker för nedstämdhet, sömnsvårigheter och trötthet sedan tre månader. Bedömning: "
+         "måttlig depressiv episod. Arbetsförmågan är nedsatt till hälften; åter i arbete på heltid planeras "
+         "efter rehabilitering med KBT och successiv upptrappning. Ingen pågående medicinsk behandling som "
+         "påverkar körförmåga. ")
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+def patient_id(i: int) -> str:
+    """A valid personnummer for patient number i (serials 001-999 per birth date from 1930-01-01)."""
+    born = dt.date(1930, 1, 1) + dt.timedelta(days=i // 999)
+    digits = f"{born:%Y%m%d}{i % 999 + 1:03d}"
+    total = 0
+    for k, d in enumerate(digits[2:]):
+        n = int(d) * (2 if k % 2 == 0 else 1)
+        total += n - 9 if n > 9 else n
+    return digits + str((10 - total % 10) % 10)
+
+
+def giver_id(g: int) -> str:
+    return f"SE2321000016-G{g:03d}"
+
+
+def unit_id(g: int, u: int) -> str:
+    return f"SE2321000016-G{g:03d}U{u:03d}"
+
+
+def issued_by(g: int, u: int) -> dict:
+    return {"person_id": f"SE2321000016-P{g:03d}{u:03d}", "name": "Ajla Doktor",
+            "care_unit": {"id": unit_id(g, u), "name": f"Vårdenhet {u}"},
+            "care_giver": {"id": giver_id(g), "name": f"Region {g}"}}
+
+
+def document_for(certificate_id: str, kind: str, rng: random.Random) -> str:
+    start = rng.randrange(len(LOREM))
+    body = (LOREM[start:] + LOREM * 4)[:820]
+    return (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<intyg typ=\"{kind}\" id=\"{certificate_id}\">\n"
+            f"  <text>{body}</text>\n  <underskrift>Ajla Doktor, leg. läkare</underskrift>\n</intyg>\n")
+
+
+def certificate_json(certificate_id: str, kind: str, patient: str, signed_at: dt.datetime, g: int, u: int,
+                     rng: random.Random) -> dict:
+    valid_from = signed_at.date()
+    return {"id": certificate_id, "type": kind, "type_version": "1.3", "patient_id": patient,
+            "signed_at": signed_at.isoformat(), "valid_from": valid_from.isoformat(),
+            "valid_to": (valid_from + dt.timedelta(days=30)).isoformat(), "issued_by": issued_by(g, u),
+            "test_certificate": False, "relations": [],
+            "document": {"media_type": "application/xml", "encoding": "utf-8",
+                         "content": document_for(certificate_id, kind, rng)}}
+
+
+def _copy_text(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def _patients_plan(n_patients: int, rng: random.Random):
+    """Per patient: consent, and the 2-3 care givers (with a few units each) their certificates come from."""
+    plan = []
+    for i in range(n_patients):
+        givers = rng.sample(range(CARE_GIVERS), rng.choice((2, 3)))
+        units = {g: rng.sample(range(UNITS_PER_GIVER), 2) for g in givers}
+        plan.append((patient_id(i), rng.random() < CONSENT_SHARE, givers, units))
+    return plan
+
+
+def load(conn: psycopg.Connection, n_certificates: int, n_patients: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    plan = _patients_plan(n_patients, rng)
+    types, weights = list(TYPES), list(TYPES.values())
+    zone = dt.timezone(dt.timedelta(hours=1))
+    start = dt.datetime(2021, 1, 1, tzinfo=zone)
+    span = 5 * 365 * 86400
+    stats = {"archived": 0, "sent": 0, "revoked": 0, "citizen_only": 0, "statuses": 0}
+    with conn.cursor() as cur:
+        cur.execute("SET synchronous_commit = off")
+        cur.execute("SET maintenance_work_mem = '512MB'")
+        cur.execute("TRUNCATE " + ", ".join(EMPTIED_TABLES))
+        constraints, indexes = _drop_keys(cur)
+        with cur.copy("COPY consents (patient_id, given, changed_at) FROM STDIN WITH (FREEZE)") as copy:
+            for pid, given, _, _ in plan:
+                copy.write_row((pid, given, start))
+        chunk = 20_000
+        made = 0
+        while made < n_certificates:
+            rows_c, rows_d, rows_s = [], [], []
+            for _ in range(min(chunk, n_certificates - made)):
+                made += 1
+                pid, consent, givers, units = plan[rng.randrange(n_patients)]
+                g = rng.choice(givers)
+                u = rng.choice(units[g])
+                kind = rng.choices(types, weights)[0]
+                cid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+                signed = start + dt.timedelta(seconds=rng.randrange(span))
+                wire = certificate_json(cid, kind, pid, signed, g, u, rng)
+                digest = fingerprint(wire)
+                document = wire.pop("document")
+                at = signed + dt.timedelta(minutes=5)
+                statuses = [("RECEIVED", None, at)]
+                archived = kind not in ("db", "doi") and consent and rng.random() < ARCHIVED_SHARE
+                if archived:
+                    statuses.append(("ARCHIVED", None, at + dt.timedelta(days=2)))
+                if kind in RECIPIENT_OF and rng.random() < SENT_SHARE:
+                    statuses.append(("SENT", RECIPIENT_OF[kind], at + dt.timedelta(hours=1)))
+                revoked_at = None
+                if rng.random() < REVOKED_SHARE:
+                    revoked_at = at + dt.timedelta(days=3)
+                    statuses.append(("REVOKED", wire["issued_by"]["person_id"], revoked_at))
+                care = not (consent and rng.random() < CITIZEN_ONLY_SHARE)  # never without both (the rule)
+                if not care:
+                    statuses.append(("CARE_COPY_REMOVED", giver_id(g), at + dt.timedelta(days=30)))
+                stats["archived"] += archived
+                stats["sent"] += any(s[0] == "SENT" for s in statuses)
+                stats["revoked"] += revoked_at is not None
+                stats["citizen_only"] += not care
+                stats["statuses"] += len(statuses)
+                rows_c.append("\t".join((
+                    cid, pid, kind, "1.3", signed.isoformat(), wire["valid_from"], wire["valid_to"],
+                    unit_id(g, u), giver_id(g), "f", digest,
+                    _copy_text(json.dumps(wire, ensure_ascii=False)), "t" if care else "f", "t" if archived else "f",
+                    revoked_at.isoformat() if revoked_at else "\\N", at.isoformat())))
+                rows_d.append(f"{cid}\tapplication/xml\tutf-8\t{_copy_text(document['content'])}")
+                rows_s.extend(f"{cid}\t{n}\t{s}\t{t or chr(92) + 'N'}\t{when.isoformat()}"
+                              for n, (s, t, when) in enumerate(statuses))
+            _copy(cur, "certificates (id, patient_id, type, type_version, signed_at, valid_from, valid_to, "
+                       "care_unit_id, care_giver_id, test_certificate, fingerprint, content, available_to_care, "
+                       "archived, revoked_at, registered_at)", rows_c)
+            _copy(cur, "certificate_documents (certificate_id, media_type, encoding, content)", rows_d)
+            _copy(cur, "certificate_statuses (certificate_id, position, status, target, at)", rows_s)
+            if made % 100_000 < chunk:
+                print(f"  {made:>10,} certificates copied", flush=True)
+        print("  rebuilding keys and indexes", flush=True)
+        _restore_keys(cur, constraints, indexes)
+    conn.commit()
+    return stats
+
+
+def _copy(cur, target: str, lines: list[str]) -> None:
+    with cur.copy(f"COPY {target} FROM STDIN WITH (FREEZE)") as copy:
+        copy.write(("\n".join(lines) + "\n").encode())
+
+
+def _drop_keys(cur) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """Drop the loaded tables' indexes and keys (to rebuild them once after the load), remembering their exact
+    definitions: what comes back is what the migration made."""
+    tables = list(LOADED_TABLES)
+    cur.execute("""SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), contype
+                   FROM pg_constraint WHERE conrelid = ANY(%s::regclass[]) AND contype IN ('p', 'f')
+                   ORDER BY contype = 'f', conname""", (tables,))
+    constraints = [(t, n, d) for t, n, d, _ in cur.fetchall()]
+    cur.execute("""SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = ANY(%s)
+                   AND indexname NOT IN (SELECT conname FROM pg_constraint WHERE contype = 'p')
+                   ORDER BY indexname""", (tables,))
+    found = cur.fetchall()
+    indexes = [definition for _, definition in found]
+    for table, name, _ in reversed(constraints):  # foreign keys first
+        cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.Identifier(table), sql.Identifier(name)))
+    for name, _ in found:
+        cur.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
+    return constraints, indexes
+
+
+def _restore_keys(cur, constraints, indexes) -> None:
+    for table, name, definition in constraints:  # primary keys first (ordered so), then foreign keys
+        cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(sql.Identifier(table), sql.Identifier(name))
+                    + sql.SQL(definition))
+    for definition in indexes:
+        cur.execute(definition)
+
+
+# --- measuring ----------------------------------------------------------------------------------------------------
+def sample(conn: psycopg.Connection, size: int, seed: int) -> list[tuple]:
+    """Random certificates a citizen can see (consent given, not a death certificate), with their care data."""
+    rows = conn.execute(
+        """SELECT c.id, c.patient_id, c.care_giver_id, c.care_unit_id
+           FROM certificates c TABLESAMPLE BERNOULLI (%s::real) REPEATABLE (%s)
+           JOIN consents k ON k.patient_id = c.patient_id AND k.given
+           WHERE c.type NOT IN ('db', 'doi') AND c.available_to_care""",
+        (min(100.0, 100.0 * size * 3 / max(1, _count(conn, "certificates"))), seed)).fetchall()
+    random.Random(seed).shuffle(rows)
+    return rows[:size]
+
+
+def _count(conn, table: str) -> int:
+    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()[0]
+
+
+def query_envelopes(kind: str, rows: list[tuple], rng: random.Random) -> list[Envelope]:
+    out = []
+    for cid, pid, giver, unit in rows:
+        if kind == "certificate.list":
+            body = {"patient_id": pid}
+        elif kind == "certificate.get":
+            body = {"certificate_id": cid, "patient_id": pid}
+        else:  # the unit the certificate is from, and two more of the care giver's
+            g = int(giver.rsplit("G", 1)[1])
+            units = {unit} | {unit_id(g, u) for u in rng.sample(range(UNITS_PER_GIVER), 2)}
+            body = {"patient_id": pid, "care_giver_id": giver, "care_unit_ids": sorted(units)}
+        out.append(Envelope(routing_key=kind, body=json.dumps(body).encode(), message_id=str(uuid.uuid4()),
+                            reply_to="amq.rabbitmq.reply-to", content_type="application/json"))
+    return out
+
+
+def run_query(engine, policy: Policy, envelope: Envelope) -> float:
+    """One query as the service handles it; seconds."""
+    started = time.perf_counter()
+    parsed = parse(envelope, policy)
+    with SqlUnitOfWork(engine) as uow:
+        processed = process(parsed, uow, policy)
+    elapsed = time.perf_counter() - started
+    reply = processed.reply
+    if reply is None or reply.result.value != "OK":
+        raise RuntimeError(f"{envelope.routing_key} answered {reply}")
+    return elapsed
+
+
+def measure_queries(engine, policy: Policy, rows: list[tuple], calls: int, warmup: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    results = {}
+    for kind in ("certificate.list", "certificate.get", "certificate.list-for-care"):
+        envelopes = query_envelopes(kind, [rng.choice(rows) for _ in range(calls + warmup)], rng)
+        for envelope in envelopes[:warmup]:
+            run_query(engine, policy, envelope)
+        gc.collect()
+        timings = [run_query(engine, policy, envelope) for envelope in envelopes[warmup:]]
+        results[kind] = timings
+    return results
+
+
+def registration_envelopes(n: int, patients: list[str], run: str, rng: random.Random) -> list[Envelope]:
+    types = [t for t in TYPES if t not in ("db", "doi")]
+    zone = dt.timezone(dt.timedelta(hours=1))
+    out = []
+    for i in range(n):
+        g, u = rng.randrange(CARE_GIVERS), rng.randrange(UNITS_PER_GIVER)
+        signed = dt.datetime(2026, 1, 1, tzinfo=zone) + dt.timedelta(seconds=rng.randrange(300 * 86400))
+        body = {"certificate": certificate_json(f"bench-reg-{run}-{i}", rng.choice(types), rng.choice(patients),
+                                                signed, g, u, rng)}
+        out.append(Envelope(routing_key="certificate.register", body=json.dumps(body, ensure_ascii=False).encode(),
+                            message_id=f"bench-reg-{run}-{i}", content_type="application/json"))
+    return out
+
+
+def register_one_per_transaction(engine, policy: Policy, envelopes: list[Envelope]) -> tuple[float, list[float]]:
+    timings = []
+    started = time.perf_counter()
+    for envelope in envelopes:
+        t0 = time.perf_counter()
+        parsed = parse(envelope, policy)
+        with SqlUnitOfWork(engine) as uow:
+            processed = process(parsed, uow, policy)
+            uow.commit()
+        timings.append(time.perf_counter() - t0)
+        assert processed.reply is not None and processed.reply.result.value == "OK", processed.reply
+    return time.perf_counter() - started, timings
+
+
+def register_batched(engine, policy: Policy, envelopes: list[Envelope], batch: int) -> tuple[float, list[float]]:
+    timings = []
+    started = time.perf_counter()
+    for first in range(0, len(envelopes), batch):
+        t0 = time.perf_counter()
+        with SqlUnitOfWork(engine) as uow:
+            for envelope in envelopes[first:first + batch]:
+                parsed = parse(envelope, policy)
+                with uow.savepoint():
+                    processed = process(parsed, uow, policy)
+                assert processed.reply is not None and processed.reply.result.value == "OK", processed.reply
+            uow.commit()
+        timings.append(time.perf_counter() - t0)
+    return time.perf_counter() - started, timings
+
+
+def remove_registered(conn: psycopg.Connection) -> None:
+    """Back to the data as loaded (the load writes no inbox, outbox, tombstone or progress rows)."""
+    conn.execute("DELETE FROM certificates WHERE id LIKE 'bench-reg-%'")
+    conn.execute("TRUNCATE inbox, outbox, tombstones, bulk_progress")
+    conn.commit()
+
+
+# --- output -------------------------------------------------------------------------------------------------------
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.2f}"
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def print_queries(results: dict, target_ms: float) -> bool:
+    print(f"\n{'query (parse + process, own UoW)':<34}{'calls':>7}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+          f"{'max ms':>9}{'mean ms':>9}  p99 <= {target_ms:g} ms")
+    good = True
+    for kind, timings in results.items():
+        p99 = pct(timings, 99)
+        good &= p99 * 1000 <= target_ms
+        print(f"{kind:<34}{len(timings):>7}{ms(pct(timings, 50)):>9}{ms(pct(timings, 90)):>9}{ms(p99):>9}"
+              f"{ms(max(timings)):>9}{ms(statistics.fmean(timings)):>9}  {'yes' if p99 * 1000 <= target_ms else 'NO'}")
+    return good
+
+
+def print_registrations(rows: list[tuple[str, int, float, list[float], int]]) -> None:
+    print(f"\n{'certificate.register (through UoW)':<34}{'certs':>7}{'seconds':>9}{'certs/s':>9}"
+          f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}  per transaction")
+    for label, n, seconds, timings, per in rows:
+        print(f"{label:<34}{n:>7}{seconds:>9.2f}{n / seconds:>9.0f}{ms(pct(timings, 50)):>9}"
+              f"{ms(pct(timings, 99)):>9}{ms(max(timings)):>9}  {per} message{'s' if per > 1 else ''}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL",
+                                                                 "postgresql://postgres@127.0.0.1:5432/postgres"),
+                        help="a server where the benchmark may CREATE DATABASE (from $DATABASE_URL when set)")
+    parser.add_argument("--database", default="intyg_bench", help="database to create, load and measure")
+    parser.add_argument("--certificates", type=int, default=1_000_000)
+    parser.add_argument("--patients", type=int, default=200_000)
+    parser.add_argument("--reuse", action="store_true", help="measure on the data already loaded (load if empty)")
+    parser.add_argument("--calls", type=int, default=5000, help="measured calls per query")
+    parser.add_argument("--warmup", type=int, default=500, help="unmeasured calls per query first")
+    parser.add_argument("--registrations", type=int, default=20_000, help="certificates registered per mode")
+    parser.add_argument("--batch", type=int, default=100, help="messages per transaction in the batched mode")
+    parser.add_argument("--target-ms", type=float, default=5.0, help="p99 target per query")
+    parser.add_argument("--seed", type=int, default=20261125)
+    parser.add_argument("--skip-registrations", action="store_true")
+    args = parser.parse_args(argv)
+
+    server = make_url(args.database_url).set(drivername="postgresql")
+    server_dsn = server.render_as_string(hide_password=False)
+    url = server.set(database=args.database).render_as_string(hide_password=False)
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (args.database,)).fetchone()
+        if not exists:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(args.database)))
+        version = admin.execute("SHOW server_version").fetchone()[0]
+    migrate.upgrade(url)
+    print(f"PostgreSQL {version}, database {args.database}, Python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} CPUs")
+
+    with psycopg.connect(url) as conn:
+        present = _count(conn, "certificates")
+        if args.reuse and present:
+            remove_registered(conn)
+            print(f"reusing the loaded data ({present:,} certificates)")
+        else:
+            print(f"loading {args.certificates:,} certificates for {args.patients:,} patients ...", flush=True)
+            started = time.perf_counter()
+            stats = load(conn, args.certificates, args.patients, args.seed)
+            loaded = time.perf_counter() - started
+            print(f"loaded in {loaded:.1f} s ({args.certificates / loaded:,.0f} certificates/s): "
+                  f"{stats['statuses']:,} statuses, {stats['archived']:,} archived, {stats['sent']:,} sent, "
+                  f"{stats['revoked']:,} revoked, {stats['citizen_only']:,} without care copy")
+            conn.autocommit = True
+            started = time.perf_counter()
+            conn.execute("VACUUM ANALYZE")
+            print(f"VACUUM ANALYZE in {time.perf_counter() - started:.1f} s")
+            conn.autocommit = False
+        counts = {t: _count(conn, t) for t in ("certificates", "certificate_statuses", "consents")}
+        size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()[0]
+        print(f"data: {counts['certificates']:,} certificates, {counts['certificate_statuses']:,} statuses, "
+              f"{counts['consents']:,} patients with a consent record; database size {size}")
+        rows = sample(conn, max(20_000, args.calls), args.seed)
+        consented = [r[0] for r in conn.execute("SELECT patient_id FROM consents WHERE given LIMIT 50000")]
+    if not rows:
+        print("no certificates to measure", file=sys.stderr)
+        return 1
+
+    settings = Settings(database_url=url)
+    policy = Policy(catalogue=settings.catalogue, max_body_bytes=settings.max_body_bytes)
+    engine = make_engine(url)  # the service's own engine settings (pool, pre-ping, timeouts)
+    try:
+        good = print_queries(measure_queries(engine, policy, rows, args.calls, args.warmup, args.seed),
+                             args.target_ms)
+        if not args.skip_registrations:
+            rng = random.Random(args.seed + 1)
+            run = uuid.uuid4().hex[:8]
+            one = registration_envelopes(args.registrations, consented, run + "a", rng)
+            many = registration_envelopes(args.registrations, consented, run + "b", rng)
+            register_one_per_transaction(engine, policy, registration_envelopes(200, consented, run + "w", rng))
+            seconds_one, timings_one = register_one_per_transaction(engine, policy, one)
+            seconds_many, timings_many = register_batched(engine, policy, many, args.batch)
+            print_registrations([
+                ("(a) one message per transaction", len(one), seconds_one, timings_one, 1),
+                (f"(b) {args.batch} per transaction, savepoints", len(many), seconds_many, timings_many, args.batch),
+            ])
+            print("    (p50/p99/max of (b) are per transaction of the batch)")
+            with psycopg.connect(url) as conn:
+                remove_registered(conn)
+    finally:
+        engine.dispose()
+    return 0 if good else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The composition root: settings -> database (migrated) -> broker topology -> outbox relay + one consumer thread per
+service queue.
+
+    service = Service(Settings())
+    service.start()        # returns once every consumer consumes (or raises)
+    ...
+    service.stop()         # finish in-flight batches, flush the outbox, close
+
+`run()` does the same for a process: start, wait for SIGTERM/SIGINT, stop, exit code 0 (1 if a thread died).
+
+Faults: the broker going away makes each consumer (and the relay) reconnect on its own with capped, jittered
+exponential back-off; what was delivered but not acknowledged is redelivered by the broker and the inbox makes
+that safe. A database going away sends messages down the retry path (`consumers.loop`); nothing crashes.
+At start-up, migration and topology wait (with the same back-off) for a database or broker that is not up yet.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pika.exceptions import AMQPConnectionError
+
+from consumers.loop import Backoff, Consumer, consumer_count, make_consumers
+from contracts.topology import SERVICE_QUEUES
+from service import topology
+from service.logging import get_logger
+from storage import migrate
+from storage.engine import make_engine
+from storage.errors import is_transient
+
+
+class StartupAborted(RuntimeError):
+    """`stop()` was called while the service was still waiting for the database or the broker."""
+
+
+class Service:
+    def __init__(self, settings: Any, *, consumers: bool = True, relay: bool = True,
+                 queues: Sequence[str] | None = None, migrate_db: bool = True) -> None:
+        if not consumers and not relay:
+            raise ValueError("nothing to run: neither consumers nor relay")
+        self.settings = settings
+        self.with_consumers = consumers
+        self.with_relay = relay
+        self.queues = list(queues or SERVICE_QUEUES)
+        self.migrate_db = migrate_db
+        self.log = get_logger("intygstjanst.service")
+        self.engine: Any = None
+        self.relay: Any = None
+        self.consumers: list[Consumer] = []
+        self._relay_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._stopped = False
+
+    # -- start ---------------------------------------------------------------------------------------------------
+
+    def start(self, *, ready_timeout: float = 60.0) -> None:
+        settings = self.settings
+        if self.migrate_db:
+            self._patiently("database migration", lambda: migrate.upgrade(settings.database_url),
+                            lambda e: is_transient(e))
+        self._patiently("broker topology", lambda: topology.declare_with(settings.amqp_url, settings),
+                        lambda e: isinstance(e, (AMQPConnectionError, ConnectionError, OSError)))
+        # One connection per consumer thread, one held by the relay while it leads, one spare.
+        threads = sum(consumer_count(q, settings) for q in self.queues) if self.with_consumers else 0
+        self.engine = make_engine(settings.database_url, pool_size=threads + 2, max_overflow=4)
+        if self.with_relay:
+            from publishers.relay import OutboxRelay
+
+            self.relay = OutboxRelay(settings.amqp_url, self.engine, batch_size=settings.relay_batch_size,
+                                     poll_s=settings.relay_poll_s, log=get_logger("intygstjanst.relay"),
+                                     backoff_max_s=settings.reconnect_max_s,
+                                     recipient_queue_arguments=topology.RECIPIENT_ARGUMENTS)
+            self._relay_thread = threading.Thread(target=self.relay.run, name="outbox-relay", daemon=True)
+            self._relay_thread.start()
+        if self.with_consumers:
+            declare: Callable[[Any], Any] = lambda channel: topology.declare(channel, settings)  # noqa: E731
+            self.consumers = make_consumers(settings, self.engine, relay=self.relay, queues=self.queues,
+                                            declare=declare)
+            for consumer in self.consumers:
+                consumer.start()
+            deadline = time.monotonic() + ready_timeout
+            for consumer in self.consumers:
+                if not consumer.wait_consuming(max(0.0, deadline - time.monotonic())):
+                    self.log.warning("consumer not consuming yet; it keeps trying", queue=consumer.queue)
+        self.log.info("service started", queues=self.queues if self.with_consumers else [],
+                      relay=self.with_relay, batch_size=settings.batch_size, prefetch=settings.prefetch)
+
+    def _patiently(self, what: str, action: Callable[[], Any], worth_waiting: Callable[[BaseException], bool]) -> Any:
+        backoff = Backoff(cap_s=self.settings.reconnect_max_s)
+        while True:
+            try:
+                return action()
+            except Exception as exc:
+                if not worth_waiting(exc):
+                    raise
+                delay = backoff.next()
+                self.log.warning(f"{what}: not reachable ({type(exc).__name__}); trying again in {delay:.1f}s")
+                if self._stop.wait(delay):
+                    raise StartupAborted(what) from exc
+
+    # -- stop ----------------------------------------------------------------------------------------------------
+
+    def stop(self, *, timeout: float = 30.0) -> None:
+        """Stop consuming, finish and acknowledge in-flight batches, flush the outbox, close. Idempotent."""
+        self._stop.set()
+        if self._stopped:
+            return
+        self._stopped = True
+        deadline = time.monotonic() + timeout
+        for consumer in self.consumers:
+            consumer.stop()
+        for consumer in self.consumers:
+            consumer.join(max(0.1, deadline - time.monotonic()))
+            if consumer.is_alive():
+                self.log.warning("consumer did not stop in time", queue=consumer.queue)
+        if self.relay is not None:
+            self.relay.stop(flush=True, timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+        if self._relay_thread is not None:
+            self._relay_thread.join(max(0.1, deadline - time.monotonic()))
+        if self.engine is not None:
+            self.engine.dispose()
+        self.log.info("service stopped")
+
+    def request_stop(self) -> None:
+        """Thread- and signal-safe: make `wait()` return."""
+        self._stop.set()
+
+    # -- run as a process ------------------------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """Every thread that should run is alive."""
+        threads: list[threading.Thread] = list(self.consumers)
+        if self._relay_thread is not None:
+            threads.append(self._relay_thread)
+        return all(t.is_alive() for t in threads)
+
+    def wait(self) -> bool:
+        """Until `request_stop()` (or a signal); False if a thread died meanwhile."""
+        while not self._stop.wait(0.5):
+            if not self.healthy():
+                self.log.error("a service thread died; stopping")
+                return False
+        return True
+
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            try:
+                self.start()
+            except StartupAborted:
+                return 0
+            ok = self.wait()
+            return 0 if ok else 1
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.log.info("signal received; stopping", signal=signal.Signals(signum).name)
+        self.request_stop()
+
+
+__all__ = ["Service", "StartupAborted"]

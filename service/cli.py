@@ -1,0 +1,140 @@
+"""`intygstjanst`: run and operate the certificate service. Configuration comes from the environment
+(`AMQP_URL`, `DATABASE_URL`, ...; see `intygstjanst config`)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.dlq_cli import dlq_app
+from service.settings import Settings
+
+app = typer.Typer(
+    name="intygstjanst",
+    help="Intygstjänsten: the certificate service on RabbitMQ and PostgreSQL.\n\n"
+         "Configuration comes from environment variables (AMQP_URL, DATABASE_URL, RECIPIENTS, ...); "
+         "`intygstjanst config` shows what is in effect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold a personnummer
+)
+console = Console()
+
+app.add_typer(dlq_app, name="dlq")
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _configure_logging(settings: Settings) -> None:
+    from service.logging import configure
+
+    configure(settings.log_level, salt=settings.log_salt or None)
+
+
+@app.command()
+def serve(
+    no_relay: Annotated[bool, typer.Option("--no-relay", help="Run the consumers only; another process runs the "
+                                                               "outbox relay (`serve --relay-only`).")] = False,
+    relay_only: Annotated[bool, typer.Option("--relay-only", help="Run only the outbox relay, which publishes "
+                                                                   "committed replies and events.")] = False,
+) -> None:
+    """Run the service: migrate, declare the topology, start the outbox relay and the consumers.
+
+    One consumer thread per service queue. Stops cleanly on SIGTERM or Ctrl-C: in-flight batches are finished and acknowledged, the outbox is flushed, exit code 0.
+    """
+    if no_relay and relay_only:
+        raise typer.BadParameter("--no-relay and --relay-only exclude each other")
+    from service.app import Service
+
+    settings = _settings()
+    _configure_logging(settings)
+    service = Service(settings, consumers=not relay_only, relay=not no_relay)
+    raise typer.Exit(service.run())
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade the database schema to the newest revision (safe to run while other instances start)."""
+    from storage import migrate as m
+
+    settings = _settings()
+    before = m.current(settings.database_url)
+    m.upgrade(settings.database_url)
+    after = m.current(settings.database_url)
+    if before == after:
+        console.print(f"database already at revision [bold]{after}[/]")
+    else:
+        console.print(f"database migrated from [bold]{before or '(empty)'}[/] to [bold]{after}[/]")
+
+
+@app.command()
+def topology(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the declared topology as JSON.")] = False,
+) -> None:
+    """Declare the exchanges, queues and bindings on the broker (idempotent) and print them."""
+    from service import topology as t
+
+    settings = _settings()
+    try:
+        summary = t.declare_with(settings.amqp_url, settings)
+    except t.TopologyConflict as conflict:
+        console.print(f"[red]{conflict}[/]")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict(), indent=2))
+        return
+    table = Table(title="intygstjänsten topology (declared)")
+    table.add_column("queue", no_wrap=True)
+    table.add_column("type")
+    table.add_column("what arrives / where it goes", overflow="fold")
+    for q in summary.queues:
+        if q.role == "retry":
+            ttl = q.arguments["x-message-ttl"] / 1000
+            detail = f"retry copies; after {ttl:g}s back to {q.arguments['x-dead-letter-routing-key']}"
+        elif q.role == "dlq":
+            detail = "dead letters"
+        else:
+            detail = ", ".join(q.bindings)
+        table.add_row(q.name, q.kind, detail)
+    console.print("exchanges: " + ", ".join(f"{n} ({t_})" for n, t_ in summary.exchanges))
+    console.print(table)
+
+
+@app.command()
+def schema(
+    directory: Annotated[Path, typer.Argument(help="Directory to write the schema files to (created if missing).",
+                                              file_okay=False)],
+) -> None:
+    """Write one JSON Schema file per message type to DIRECTORY.
+
+    Commands, queries, events, the reply and the stored certificate, as DIRECTORY/<type>.schema.json.
+    """
+    from contracts.registry import json_schemas
+
+    directory.mkdir(parents=True, exist_ok=True)
+    schemas = json_schemas()
+    for name, document in sorted(schemas.items()):
+        (directory / f"{name}.schema.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n",
+                                                       encoding="utf-8")
+    console.print(f"wrote {len(schemas)} schemas to {directory}")
+
+
+@app.command()
+def config() -> None:
+    """Print the settings in effect as JSON (passwords and the log salt hidden)."""
+    typer.echo(json.dumps(_settings().redacted(), indent=2, ensure_ascii=False))
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="intygstjanst")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Throw-away databases next to the session's `database_url`, for test modules that need their own (to migrate
+from empty, or so that other modules' rows never show up in a list or a count)."""
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+
+class FreshDatabase:
+    """CREATE DATABASE next to `database_url`; dropped (FORCE) on exit. `with FreshDatabase(url, "x") as url:`"""
+
+    def __init__(self, database_url: str, suffix: str) -> None:
+        self.server = make_url(database_url)
+        self.name = f"{self.server.database}_{suffix}_{uuid.uuid4().hex[:6]}"
+        self.url = self.server.set(database=self.name).render_as_string(hide_password=False)
+
+    def _admin(self, sql: str) -> None:
+        with psycopg.connect(self.server.render_as_string(hide_password=False), autocommit=True) as conn:
+            conn.execute(sql)
+
+    def __enter__(self) -> str:
+        self._admin(f'CREATE DATABASE "{self.name}"')
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')

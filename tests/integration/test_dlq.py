@@ -1,0 +1,258 @@
+"""publishers.dlq and `intygstjanst dlq` against a real RabbitMQ.
+
+The dead letters live in a quorum queue of the test's own (like the real `Q.dlq`), and their original routing keys
+are unique to the test, bound to an observer queue on `intyg.commands`: a replay reaches no service queue, so it
+leaves nothing behind for other tests in the vhost.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pika
+import pytest
+from typer.testing import CliRunner
+
+from contracts.topology import (
+    COMMANDS_EXCHANGE, H_ATTEMPTS, H_DEAD_LETTERED_AT, H_ERROR, H_ERROR_CODE, H_FIRST_ATTEMPT_AT,
+    H_ORIGINAL_ROUTING_KEY, H_ORIGINAL_USER_ID, SERVICE_QUEUES, dlq,
+)
+from publishers import dlq as ops
+from service.dlq_cli import dlq_app
+from service.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+BOOKKEEPING = {H_ATTEMPTS: 5, H_ERROR_CODE: "UNAVAILABLE", H_ERROR: "database unavailable",
+               H_DEAD_LETTERED_AT: "2026-11-25T10:00:00+00:00", H_FIRST_ATTEMPT_AT: "2026-11-25T09:59:00+00:00"}
+
+
+@pytest.fixture
+def channel(amqp_url):
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    ch = connection.channel()
+    ch.exchange_declare(COMMANDS_EXCHANGE, exchange_type="topic", durable=True)
+    ch.confirm_delivery()  # so that a message put into a queue is there when the next line counts it
+    yield ch
+    if connection.is_open:
+        connection.close()
+
+
+@pytest.fixture
+def tag():
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def dead_letters(channel, tag):
+    """A quorum DLQ of the test's own; the routing key the letters came with is bound to an observer queue."""
+    queue = f"test.{tag}.dlq"
+    channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    observer = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(observer, COMMANDS_EXCHANGE, routing_key=f"{tag}.certificate.revoke")
+    yield queue, observer
+    channel.queue_delete(queue)
+
+
+@pytest.fixture
+def sender(broker_users, amqp_url):
+    """A channel of another broker user (a care system), whose messages carry its `user_id`."""
+    name = broker_users.unique("vardsystem")
+    url = broker_users.add(name, "secret")
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    their = connection.channel()
+    their.confirm_delivery()
+    yield name, their
+    connection.close()
+
+
+def put(channel, queue: str, message_id: str, routing_key: str, *, user_id: str | None = None,
+        body: bytes | None = None) -> tuple[bytes, pika.BasicProperties]:
+    """A dead letter as the service leaves it: the original message plus the bookkeeping headers."""
+    body = body if body is not None else json.dumps({"certificate_id": message_id, "patient_id": "191212121212",
+                                                      "reason": None}).encode()
+    properties = pika.BasicProperties(
+        message_id=message_id, content_type="application/json", delivery_mode=2, correlation_id=f"corr-{message_id}",
+        reply_to="amq.rabbitmq.reply-to.whatever", type=routing_key, user_id=user_id,
+        headers={**BOOKKEEPING, H_ORIGINAL_ROUTING_KEY: routing_key, "x-trace": f"trace-{message_id}"})
+    channel.basic_publish("", queue, body, properties)
+    return body, properties
+
+
+def ids_in(channel, queue: str) -> list[str]:
+    return [letter.message_id for letter in ops.peek(channel, queue, 1000)]
+
+
+def drain(channel, queue: str) -> list[tuple[object, object, bytes]]:
+    got = []
+    for _ in range(200):
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            if got or _ > 20:
+                break
+            channel.connection.sleep(0.02)
+            continue
+        got.append((method, properties, body))
+    return got
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+def test_peek_shows_the_dead_letters_and_leaves_them_in_place(channel, dead_letters, tag):
+    queue, _ = dead_letters
+    put(channel, queue, f"{tag}-a", f"{tag}.certificate.revoke")
+    put(channel, queue, f"{tag}-b", f"{tag}.certificate.revoke")
+    letters = ops.peek(channel, queue, 10)
+    assert [letter.message_id for letter in letters] == [f"{tag}-a", f"{tag}-b"]
+    first = letters[0]
+    assert first.routing_key == f"{tag}.certificate.revoke"
+    assert (first.error_code, first.error, first.attempts) == ("UNAVAILABLE", "database unavailable", 5)
+    assert first.dead_lettered_at == "2026-11-25T10:00:00+00:00"
+    assert "191212121212" not in first.body_preview and "certificate_id" in first.body_preview
+    assert ops.message_count(channel, queue) == 2
+    assert ids_in(channel, queue) == [f"{tag}-a", f"{tag}-b"]  # browsing again sees the same, in order
+    assert len(ops.peek(channel, queue, 1)) == 1
+
+
+def test_list_dlqs_counts_the_four_service_dlqs(channel, amqp_url):
+    from service.topology import declare
+
+    declare(channel, Settings(amqp_url=amqp_url))
+    listed = dict(ops.list_dlqs(channel))
+    assert list(listed) == [dlq(q) for q in SERVICE_QUEUES]
+    assert all(isinstance(count, int) for count in listed.values())
+    assert channel.is_open
+
+
+def test_queue_names_accept_the_service_queue_or_its_dlq():
+    assert ops.resolve_queue("intyg.status") == ops.resolve_queue("intyg.status.dlq") == "intyg.status.dlq"
+    with pytest.raises(ValueError):
+        ops.resolve_queue("intyg.nope")
+
+
+# --- replay -----------------------------------------------------------------------------------------------------
+def test_replay_of_selected_ids_republishes_them_unchanged_and_removes_exactly_those(channel, dead_letters, tag,
+                                                                                     sender):
+    queue, observer = dead_letters
+    user, their_channel = sender
+    key = f"{tag}.certificate.revoke"
+    sent = {mid: put(their_channel, queue, mid, key, user_id=user) for mid in (f"{tag}-a", f"{tag}-b", f"{tag}-c")}
+    progress: list[tuple[int, int]] = []
+
+    result = ops.replay(channel, queue, {f"{tag}-a", f"{tag}-c"}, progress_cb=lambda *p: progress.append(p))
+
+    assert (result.seen, result.selected, result.replayed, result.failed, result.requeued) == (3, 2, 2, 0, 1)
+    assert result.not_found == set()
+    assert progress[-1] == (3, 3)
+    assert ids_in(channel, queue) == [f"{tag}-b"]
+    replayed = drain(channel, observer)
+    assert [p.message_id for _, p, _ in replayed] == [f"{tag}-a", f"{tag}-c"]
+    for method, props, body in replayed:
+        original_body, original = sent[props.message_id]
+        assert method.exchange == COMMANDS_EXCHANGE and method.routing_key == key
+        assert body == original_body
+        assert (props.content_type, props.delivery_mode, props.correlation_id, props.reply_to, props.type) == (
+            original.content_type, original.delivery_mode, original.correlation_id, original.reply_to, original.type)
+        expected_headers = {k: v for k, v in original.headers.items() if k not in BOOKKEEPING}
+        expected_headers[H_ORIGINAL_USER_ID] = user  # the broker would refuse another user's user_id
+        assert props.headers == expected_headers
+        assert props.user_id is None
+
+
+def test_replay_keeps_the_user_id_of_the_publishing_user(channel, dead_letters, tag, amqp_url):
+    queue, observer = dead_letters
+    me = pika.URLParameters(amqp_url).credentials.username
+    put(channel, queue, f"{tag}-mine", f"{tag}.certificate.revoke", user_id=me)
+    assert ops.replay(channel, queue, None).replayed == 1
+    [(_, props, _)] = drain(channel, observer)
+    assert props.user_id == me and H_ORIGINAL_USER_ID not in props.headers
+
+
+def test_dry_run_changes_nothing(channel, dead_letters, tag):
+    queue, observer = dead_letters
+    for i in range(3):
+        put(channel, queue, f"{tag}-{i}", f"{tag}.certificate.revoke")
+    result = ops.replay(channel, queue, None, dry_run=True)
+    assert (result.seen, result.replayed, result.requeued, result.dry_run) == (3, 3, 3, True)
+    assert ids_in(channel, queue) == [f"{tag}-{i}" for i in range(3)]
+    assert drain(channel, observer) == []
+
+
+def test_a_dead_letter_that_cannot_be_routed_is_kept(channel, dead_letters, tag):
+    queue, observer = dead_letters
+    put(channel, queue, f"{tag}-lost", f"{tag}.nobody.listens")
+    put(channel, queue, f"{tag}-ok", f"{tag}.certificate.revoke")
+    result = ops.replay(channel, queue, None)
+    assert (result.replayed, result.failed, result.requeued) == (1, 1, 1)
+    assert ids_in(channel, queue) == [f"{tag}-lost"]
+    assert [p.message_id for _, p, _ in drain(channel, observer)] == [f"{tag}-ok"]
+
+
+def test_replay_of_all_terminates_with_many_messages_and_reports_unknown_ids(channel, dead_letters, tag):
+    queue, observer = dead_letters
+    for i in range(300):
+        put(channel, queue, f"{tag}-{i}", f"{tag}.certificate.revoke")
+    result = ops.replay(channel, queue, {f"{tag}-7", f"{tag}-nope"})
+    assert (result.seen, result.replayed, result.requeued) == (300, 1, 299)
+    assert result.not_found == {f"{tag}-nope"}
+    assert ops.message_count(channel, queue) == 299
+    assert ops.replay(channel, queue, None).replayed == 299
+    assert ops.message_count(channel, queue) == 0
+    assert len(drain(channel, observer)) == 200  # drain's own cap; the rest are there too
+
+
+# --- purge ------------------------------------------------------------------------------------------------------
+def test_purge_removes_only_the_selected(channel, dead_letters, tag):
+    queue, observer = dead_letters
+    for name in "abc":
+        put(channel, queue, f"{tag}-{name}", f"{tag}.certificate.revoke")
+    result = ops.purge(channel, queue, {f"{tag}-b"})
+    assert (result.seen, result.purged, result.requeued) == (3, 1, 2)
+    assert ids_in(channel, queue) == [f"{tag}-a", f"{tag}-c"]
+    assert ops.purge(channel, queue, None).purged == 2
+    assert ops.message_count(channel, queue) == 0
+    assert drain(channel, observer) == []  # purging publishes nothing
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+def test_cli_refuses_to_replay_or_purge_without_a_selection(amqp_url):
+    runner = CliRunner()
+    env = {"AMQP_URL": amqp_url}
+    refused = runner.invoke(dlq_app, ["replay", "intyg.status"], env=env)
+    assert refused.exit_code == 2 and "--all" in refused.output
+    refused = runner.invoke(dlq_app, ["purge", "intyg.status", "--yes"], env=env)
+    assert refused.exit_code == 2
+    unknown = runner.invoke(dlq_app, ["show", "intyg.nope"], env=env)
+    assert unknown.exit_code == 2
+
+
+def test_cli_list_show_replay_purge(channel, amqp_url, tag):
+    from service.topology import declare
+
+    declare(channel, Settings(amqp_url=amqp_url))
+    queue = dlq("intyg.consent")
+    observer = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(observer, COMMANDS_EXCHANGE, routing_key=f"{tag}.consent.set")
+    before = ops.message_count(channel, queue)
+    for name in "ab":
+        put(channel, queue, f"{tag}-{name}", f"{tag}.consent.set")
+    runner = CliRunner()
+    env = {"AMQP_URL": amqp_url}
+
+    listed = runner.invoke(dlq_app, ["list", "--json"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert {"queue": queue, "messages": before + 2} in json.loads(listed.stdout)
+
+    shown = runner.invoke(dlq_app, ["show", "intyg.consent", "--json", "--limit", "1000"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert {f"{tag}-a", f"{tag}-b"} <= {letter["message_id"] for letter in json.loads(shown.stdout)}
+
+    dry = runner.invoke(dlq_app, ["replay", "intyg.consent", "--id", f"{tag}-a", "--dry-run"], env=env)
+    assert dry.exit_code == 0, dry.output
+    assert "would replay 1" in dry.stdout
+    replayed = runner.invoke(dlq_app, ["replay", "intyg.consent.dlq", "--id", f"{tag}-a"], env=env)
+    assert replayed.exit_code == 0, replayed.output
+    assert [p.message_id for _, p, _ in drain(channel, observer)] == [f"{tag}-a"]
+
+    purged = runner.invoke(dlq_app, ["purge", "intyg.consent", "--id", f"{tag}-b", "--yes"], env=env)
+    assert purged.exit_code == 0, purged.output
+    assert ops.message_count(channel, queue) == before
