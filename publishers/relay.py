@@ -50,6 +50,8 @@ from storage.outbox import OutboxRow
 
 UNROUTABLE_REPLY = "unroutable reply"
 RECIPIENT_PREFIX = "recipient."
+HOUSEKEEPING_CHUNK = 10_000  # outbox rows deleted per statement
+HOUSEKEEPING_CHUNKS = 20  # statements per housekeeping round
 
 # What became of one published message, until its batch is settled.
 _ACK = "ack"
@@ -591,9 +593,14 @@ class _Session:
 
     def _housekeeping(self) -> None:
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.relay.retention_s)
+        deleted = 0
         try:
-            deleted = store.delete_published_before(self.db, cutoff)
-            self.db.commit()
+            for _ in range(HOUSEKEEPING_CHUNKS):  # bounded, so publishing never waits long behind it
+                chunk = store.delete_published_before(self.db, cutoff, HOUSEKEEPING_CHUNK)
+                self.db.commit()
+                deleted += chunk
+                if chunk < HOUSEKEEPING_CHUNK:
+                    break
         except Exception as exc:
             self.db.rollback()  # a broken connection raises here and ends the term
             self.log.warning("outbox housekeeping failed", error=_describe(exc))

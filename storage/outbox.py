@@ -95,9 +95,11 @@ def mark_failed(conn: Connection, id: int, error: str) -> None:
                  .values(attempts=outbox.c.attempts + 1, last_error=error[:MAX_ERROR_LENGTH]))
 
 
-def delete_published_before(conn: Connection, cutoff: dt.datetime) -> int:
-    """Housekeeping: published rows older than `cutoff` have done their job."""
-    return conn.execute(delete(outbox).where(outbox.c.published_at < cutoff)).rowcount
+def delete_published_before(conn: Connection, cutoff: dt.datetime, limit: int = 10_000) -> int:
+    """Housekeeping: published rows older than `cutoff` have done their job. Deletes at most `limit` of them,
+    oldest first, so that a day of traffic goes in short statements (call again while it returns `limit`)."""
+    oldest = select(outbox.c.id).where(outbox.c.published_at < cutoff).order_by(outbox.c.id).limit(limit)
+    return conn.execute(delete(outbox).where(outbox.c.id.in_(oldest.scalar_subquery()))).rowcount
 
 
 def pending_count(conn: Connection) -> int:
