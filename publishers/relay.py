@@ -49,6 +49,7 @@ from storage import outbox as store
 from storage.outbox import OutboxRow
 
 UNROUTABLE_REPLY = "unroutable reply"
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 RECIPIENT_PREFIX = "recipient."
 HOUSEKEEPING_CHUNK = 10_000  # outbox rows deleted per statement
 HOUSEKEEPING_CHUNKS = 20  # statements per housekeeping round
@@ -84,6 +85,12 @@ def recipient_of(routing_key: str) -> str | None:
         return None
     parts = routing_key.split(".")
     return parts[1] if len(parts) > 2 and parts[1] else None
+
+
+def _mandatory(row: OutboxRow) -> bool:
+    """RabbitMQ always returns a mandatory message sent to a direct reply-to name, even one it delivers (it is
+    "not a queue"), so for those a return would tell nothing: they go without the flag."""
+    return not row.routing_key.startswith(DIRECT_REPLY_TO)
 
 
 def properties_of(row: OutboxRow) -> pika.BasicProperties:
@@ -472,7 +479,7 @@ class _Session:
         self.outstanding, self.by_message_id = {}, {}
         publish = self.channel.basic_publish
         for index, row in enumerate(rows):
-            publish(row.exchange, row.routing_key, row.body, properties_of(row), mandatory=True)
+            publish(row.exchange, row.routing_key, row.body, properties_of(row), mandatory=_mandatory(row))
             self.next_tag += 1
             self.outstanding[self.next_tag] = index
             self.by_message_id.setdefault(row.message_id, deque()).append(index)

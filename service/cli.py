@@ -127,6 +127,25 @@ def schema(
 
 
 @app.command()
+def demo(
+    seed: Annotated[int | None, typer.Option(help="Seed for the made-up patient, to repeat a run.")] = None,
+) -> None:
+    """Play a care system, a citizen and Försäkringskassan against a running service, step by step:
+    register, list, send to FKASSA, FKASSA receives it, archive, care removes its copy, consent withdrawn, purge.
+
+    Needs `intygstjanst serve` running against the same AMQP_URL.
+    """
+    from service import demo as d
+    from service.client import ReplyTimeout
+
+    try:
+        d.run(_settings().amqp_url, console, seed=seed)
+    except ReplyTimeout as timeout:
+        console.print(f"[red]{timeout}[/] — is `intygstjanst serve` running against this AMQP_URL?")
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def config() -> None:
     """Print the settings in effect as JSON (passwords and the log salt hidden)."""
     typer.echo(json.dumps(_settings().redacted(), indent=2, ensure_ascii=False))
