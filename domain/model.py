@@ -91,8 +91,12 @@ class Catalogue:
 
 
 def must_purge(certificate: Certificate, consent: Consent) -> bool:
-    """Slides 8 and 10: without a care copy and without consent a certificate has no reason to exist."""
-    return not certificate.available_to_care and not consent.given
+    """Slides 8 and 10: without a care copy and without consent a certificate has no reason to exist.
+    A death certificate has no citizen's copy at all (never shown to the citizen), so without its care copy it
+    is nobody's and goes too, consent or not."""
+    if certificate.available_to_care:
+        return False
+    return not consent.given or certificate.type in HIDDEN_FROM_CITIZEN
 
 
 def fingerprint(certificate_json: dict[str, Any]) -> str:

@@ -1,11 +1,15 @@
 """`domain.ports.Consents` on PostgreSQL. No row means consent was never given (CONTRACT §5)."""
 from __future__ import annotations
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.dialects.postgresql import insert
 
 from domain.model import Consent
 from storage.tables import consents
+
+
+# Built once (a query runs this on every citizen request; building the select costs more than running it).
+_GET = select(consents.c.given, consents.c.changed_at).where(consents.c.patient_id == bindparam("patient_id"))
 
 
 class SqlConsents:
@@ -13,8 +17,7 @@ class SqlConsents:
         self._conn = connection
 
     def get(self, patient_id: str) -> Consent:
-        row = self._conn.execute(
-            select(consents.c.given, consents.c.changed_at).where(consents.c.patient_id == patient_id)).first()
+        row = self._conn.execute(_GET, {"patient_id": patient_id}).first()
         if row is None:
             return Consent(patient_id, False, None)
         return Consent(patient_id, row.given, row.changed_at)

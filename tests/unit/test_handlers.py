@@ -9,7 +9,6 @@ import pytest
 
 from consumers.pipeline import RetryLater
 from contracts.registry import EVENTS
-from contracts.replies import Reply
 from contracts.topology import H_ORIGINAL_USER_ID
 from domain.model import Catalogue, Recipient
 
@@ -496,4 +495,3 @@ def test_the_fake_rolls_back_what_is_not_committed():
             assert service.uow.inbox.get("x") is None and service.uow.consents.get(PATIENT).given
             raise RuntimeError
     assert not service.uow.consents.get(PATIENT).given and "c1" in service.uow.state.certificates
-    assert isinstance(Reply.ok("r"), Reply)

@@ -1,8 +1,6 @@
 """The seed's rules (slides 2-11) on the pure domain: `domain.lifecycle` and `domain.model`, no I/O."""
 from __future__ import annotations
 
-import datetime as dt
-
 import pytest
 
 from domain import events, lifecycle
@@ -153,6 +151,14 @@ def test_care_removal_without_consent_purges():
     assert certificate.events == [events.Purged(certificate.id, "CARE_COPY_REMOVED_WITHOUT_CONSENT")]
 
 
+@pytest.mark.parametrize("kind", ["db", "doi"])
+def test_care_removal_of_a_death_certificate_purges_even_with_consent(kind):
+    """The citizen never has a copy of a death certificate, so without the care copy it is nobody's."""
+    certificate, purge = registered(type=kind), Purge()
+    outcome = lifecycle.remove_care_copy(certificate, CARE_GIVER, given(), purge, NOW)
+    assert outcome.data == {"outcome": "PURGED"} and purge.certificates == [certificate]
+
+
 def test_care_removal_twice_is_no_change():
     certificate = registered()
     lifecycle.remove_care_copy(certificate, CARE_GIVER, given(), Purge(), NOW)
@@ -292,4 +298,3 @@ def test_a_refusal_changes_nothing():
             call()
     assert (certificate.available_to_care, certificate.archived, certificate.statuses) == before
     assert certificate.events == []
-    assert isinstance(NOW, dt.datetime)

@@ -195,7 +195,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     def _remove(self, cid: str, cert: Cert) -> tuple[str, str]:
         cert.available_to_care = False
-        if self.consent[cert.patient]:
+        if self.consent[cert.patient] and cert.type not in HIDDEN:
             return "CITIZEN_ONLY", "certificate.care-copy-removed"
         self.purge(cid)
         return "PURGED", "certificate.purged"
@@ -300,7 +300,13 @@ class Lifecycle(RuleBasedStateMachine):
             consent = self.service.uow.state.consents.get(cert.patient_id)
             assert cert.available_to_care or (consent is not None and consent.given)
 
+    @invariant()
+    def no_death_certificate_without_care_copy(self):
+        """Nobody could reach it: the citizen never sees db/doi, and care has removed its copy."""
+        for cert in self.service.uow.state.certificates.values():
+            assert cert.available_to_care or cert.type not in HIDDEN
 
-Lifecycle.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
+
+Lifecycle.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None,
                                        suppress_health_check=[HealthCheck.too_slow])
 TestLifecycle = Lifecycle.TestCase

@@ -1,0 +1,582 @@
+"""End-to-end benchmark of the running service: registrations/s with every reply and event published, reply latency
+at a steady offered load, and a bare per-message reference loop on the same broker and database.
+
+    AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2F DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \\
+        python benchmarks/throughput.py
+    python benchmarks/throughput.py -n 10000 --rate 200 --duration 20 --env PARALLEL_CONSUMERS=2
+    python benchmarks/throughput.py --in-process      # the Service in this process (threads) instead
+
+What it does:
+1. creates a vhost `intyg-bench-<hex>` (rabbitmqctl) and a database `intyg_bench_<hex>` next to AMQP_URL /
+   DATABASE_URL (or uses `--vhost` / `--database`), migrates it, and removes both afterwards unless `--keep`;
+2. starts the real service, by default as a separate process (`python -m service.cli serve`, like production;
+   its log goes to a file), and waits until it consumes;
+3. (a) throughput: publishes `-n` registrations (documents of `--document-kb` KB, distinct ids and patients)
+   to `intyg.commands` through a publisher-confirm window of `--window` messages, with `reply_to` an exclusive
+   queue, and an exclusive queue bound to `intyg.events` for `certificate.registered`; the rate is N divided by
+   the time from the first publish until every reply AND every event has arrived (after an untimed warm-up);
+4. (b) latency: offers a steady `--rate` msg/s for `--duration` s and reports reply latency percentiles;
+5. stops the service, then (c) runs a BARE reference as a separate process: a minimal pika loop (consume with
+   manual ack and the same prefetch, one INSERT per message in autocommit, publish the reply, ack) on a quorum
+   queue of the same broker and database, fed the same kind of messages the same way; prints the ratio.
+It prints figures; it is not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import signal
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pika  # noqa: E402
+import psycopg  # noqa: E402
+from psycopg import sql  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS_EXCHANGE = "intyg.commands"
+EVENTS_EXCHANGE = "intyg.events"
+REGISTRATION_QUEUE = "intyg.registration"
+BARE_QUEUE = "bench.bare"
+BARE_TABLE = "bench_bare_registrations"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------------------------------
+
+
+def personnummer(born: dt.date, serial: int) -> str:
+    digits = f"{born:%Y%m%d}{serial:03d}"
+    total = 0
+    for i, d in enumerate(digits[2:]):
+        n = int(d) * (2 if i % 2 == 0 else 1)
+        total += n - 9 if n > 9 else n
+    return digits + str((10 - total % 10) % 10)
+
+
+class Messages:
+    """Distinct registrations: certificate `bench-<run>-<n>`, a patient of its own, a document of `kb` KB."""
+
+    def __init__(self, run: str, document_kb: int) -> None:
+        self.run = run
+        rng = random.Random(42)
+        words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 10))) for _ in range(400)]
+        text = []
+        size = 0
+        while size < document_kb * 1024:
+            word = rng.choice(words)
+            text.append(word)
+            size += len(word) + 1
+        self.filler = " ".join(text)[: max(0, document_kb * 1024 - 64)]
+        self.next = 0
+
+    def take(self) -> tuple[str, bytes]:
+        n = self.next
+        self.next += 1
+        cid = f"bench-{self.run}-{n}"
+        born = dt.date(1940, 1, 1) + dt.timedelta(days=n % 25_000)
+        patient = personnummer(born, (n // 25_000) % 999 + 1)
+        body = {"certificate": {
+            "id": cid, "type": "lisjp", "type_version": "1.3", "patient_id": patient,
+            "signed_at": "2026-11-25T09:30:00+01:00", "valid_from": "2026-11-25", "valid_to": "2026-12-24",
+            "issued_by": {"person_id": "SE2321000016-1003", "name": "Ajla Doktor",
+                          "care_unit": {"id": f"SE2321000016-{1004 + n % 50}", "name": "Vårdenhet"},
+                          "care_giver": {"id": f"SE2321000016-{1000 + n % 21}", "name": "Vårdgivare"}},
+            "test_certificate": False, "relations": [],
+            "document": {"media_type": "application/xml", "encoding": "utf-8",
+                         "content": f"<intyg id=\"{cid}\">{self.filler}</intyg>"}}}
+        return cid, json.dumps(body).encode()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The driver: one SelectConnection, a confirm-mode publisher channel and a consumer channel
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    name: str
+    sent: int = 0
+    confirmed: int = 0
+    nacked: int = 0
+    replies: dict[str, float] = field(default_factory=dict)  # message id -> reply arrival (perf_counter)
+    results: dict[str, int] = field(default_factory=dict)  # OK / INFO code / ERROR code -> count
+    events: set[str] = field(default_factory=set)
+    sent_at: dict[str, float] = field(default_factory=dict)
+    first_sent: float = 0.0
+    last_sent: float = 0.0
+    done_at: float = 0.0
+    timed_out: bool = False
+
+    @property
+    def elapsed(self) -> float:
+        return self.done_at - self.first_sent
+
+    def latencies_ms(self) -> list[float]:
+        return sorted((self.replies[m] - self.sent_at[m]) * 1000 for m in self.replies if m in self.sent_at)
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+class Driver:
+    """Publishes `count` messages (`window` unconfirmed at most, or `rate` per second) and collects replies and,
+    when `events` is set, `certificate.registered` events, until all arrived or `timeout` s passed."""
+
+    def __init__(self, amqp_url: str, *, exchange: str, routing_key: str, messages: Messages, count: int,
+                 name: str, window: int = 1000, rate: float | None = None, events: bool = True,
+                 timeout: float = 300.0) -> None:
+        self.amqp_url, self.exchange, self.routing_key = amqp_url, exchange, routing_key
+        self.messages, self.count, self.window, self.rate = messages, count, window, rate
+        self.want_events, self.timeout = events, timeout
+        self.run = Run(name)
+        self.ids: dict[int, str] = {}  # delivery tag -> message id (unconfirmed)
+        self.unconfirmed: deque[int] = deque()
+        self.tag = 0
+        self.reply_queue = ""
+        self.pub: Any = None
+        self.conn: Any = None
+        self.started = 0.0
+
+    def go(self) -> Run:
+        params = pika.URLParameters(self.amqp_url)
+        params.heartbeat = 0 if self.rate is None else 60
+        self.conn = pika.SelectConnection(params, on_open_callback=self._opened,
+                                          on_open_error_callback=lambda _c, e: self._fail(e),
+                                          on_close_callback=lambda *_: self.conn.ioloop.stop())
+        self.conn.ioloop.start()
+        return self.run
+
+    def _fail(self, error: Any) -> None:
+        print(f"broker connection failed: {error}", file=sys.stderr)
+        self.conn.ioloop.stop()
+
+    def _opened(self, conn: Any) -> None:
+        conn.channel(on_open_callback=self._sub_open)
+
+    def _sub_open(self, channel: Any) -> None:
+        self.sub = channel
+        channel.queue_declare("", exclusive=True, auto_delete=True, callback=self._reply_queue)
+
+    def _reply_queue(self, frame: Any) -> None:
+        self.reply_queue = frame.method.queue
+        self.sub.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
+        if self.want_events:
+            self.sub.queue_declare("", exclusive=True, auto_delete=True, callback=self._events_queue)
+        else:
+            self.conn.channel(on_open_callback=self._pub_open)
+
+    def _events_queue(self, frame: Any) -> None:
+        queue = frame.method.queue
+        self.sub.queue_bind(queue, EVENTS_EXCHANGE, "certificate.registered",
+                            callback=lambda _f: (self.sub.basic_consume(queue, self._on_event, auto_ack=True),
+                                                 self.conn.channel(on_open_callback=self._pub_open)))
+
+    def _pub_open(self, channel: Any) -> None:
+        self.pub = channel
+        channel.confirm_delivery(self._on_confirm, callback=lambda _f: self._start())
+
+    def _start(self) -> None:
+        self.started = time.perf_counter()
+        self.conn.ioloop.call_later(1.0, self._watchdog)
+        if self.rate is None:
+            self._fill()
+        else:
+            self._tick()
+
+    def _publish_one(self) -> None:
+        mid, body = self.messages.take()
+        now = time.perf_counter()
+        if not self.run.sent:
+            self.run.first_sent = now
+        self.run.sent_at[mid] = now
+        self.run.last_sent = now
+        self.tag += 1
+        self.ids[self.tag] = mid
+        self.unconfirmed.append(self.tag)
+        self.pub.basic_publish(self.exchange, self.routing_key, body, pika.BasicProperties(
+            message_id=mid, content_type="application/json", delivery_mode=2, reply_to=self.reply_queue,
+            type=self.routing_key if self.exchange else None))
+        self.run.sent += 1
+
+    def _fill(self) -> None:
+        while self.run.sent < self.count and len(self.unconfirmed) < self.window:
+            self._publish_one()
+
+    def _tick(self) -> None:
+        assert self.rate is not None
+        due = min(self.count, int((time.perf_counter() - self.started) * self.rate) + 1)
+        while self.run.sent < due:
+            self._publish_one()
+        if self.run.sent < self.count:
+            self.conn.ioloop.call_later(max(0.0, (self.run.sent / self.rate) - (time.perf_counter() - self.started)),
+                                        self._tick)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        ack = isinstance(method, pika.spec.Basic.Ack)
+        tags = []
+        if method.multiple:
+            while self.unconfirmed and self.unconfirmed[0] <= method.delivery_tag:
+                tags.append(self.unconfirmed.popleft())
+        else:
+            try:
+                self.unconfirmed.remove(method.delivery_tag)
+                tags.append(method.delivery_tag)
+            except ValueError:
+                pass
+        for tag in tags:
+            self.ids.pop(tag, None)
+            if ack:
+                self.run.confirmed += 1
+            else:
+                self.run.nacked += 1
+        if self.rate is None:
+            self._fill()
+
+    def _on_reply(self, _ch: Any, _method: Any, properties: Any, body: bytes) -> None:
+        mid = properties.correlation_id
+        if mid in self.run.replies or mid not in self.run.sent_at:
+            return
+        self.run.replies[mid] = time.perf_counter()
+        reply = json.loads(body)
+        key = reply.get("code") or reply.get("result", "?")
+        self.run.results[key] = self.run.results.get(key, 0) + 1
+        self._check_done()
+
+    def _on_event(self, _ch: Any, _method: Any, _properties: Any, body: bytes) -> None:
+        cid = json.loads(body).get("certificate_id")
+        if cid in self.run.sent_at:
+            self.run.events.add(cid)
+            self._check_done()
+
+    def _check_done(self) -> None:
+        if (len(self.run.replies) >= self.count and (not self.want_events or len(self.run.events) >= self.count)
+                and not self.run.done_at):
+            self.run.done_at = time.perf_counter()
+            self.conn.close()
+
+    def _watchdog(self) -> None:
+        if self.run.done_at:
+            return
+        if time.perf_counter() - self.started > self.timeout:
+            self.run.timed_out = True
+            self.run.done_at = time.perf_counter()
+            self.conn.close()
+            return
+        self.conn.ioloop.call_later(1.0, self._watchdog)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The bare reference loop (run as `--bare-worker` in a process of its own)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bare_worker(amqp_url: str, database_url: str, prefetch: int) -> None:
+    db = psycopg.connect(database_url, autocommit=True)
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=prefetch)
+    insert = f"INSERT INTO {BARE_TABLE} (id, patient_id, body) VALUES (%s, %s, %s)"
+
+    def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+        certificate = json.loads(body)["certificate"]
+        db.execute(insert, (certificate["id"], certificate["patient_id"], body.decode()))
+        reply = json.dumps({"result": "OK", "error_id": None, "code": None, "message": "registered",
+                            "request_id": properties.message_id, "data": None}).encode()
+        ch.basic_publish("", properties.reply_to, reply, pika.BasicProperties(
+            correlation_id=properties.message_id, content_type="application/json", delivery_mode=2))
+        ch.basic_ack(method.delivery_tag)
+
+    signal.signal(signal.SIGTERM, lambda *_: channel.stop_consuming())
+    channel.basic_consume(BARE_QUEUE, on_message, auto_ack=False)
+    print("bare worker consuming", flush=True)
+    channel.start_consuming()
+    connection.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Set-up: vhost, database, service process
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60)
+
+
+def with_vhost(amqp_url: str, vhost: str) -> str:
+    params = pika.URLParameters(amqp_url)
+    user = params.credentials.username
+    password = params.credentials.password
+    return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{params.host}:{params.port}/{quote(vhost, safe='')}"
+
+
+def with_database(database_url: str, name: str) -> str:
+    return make_url(database_url).set(database=name).render_as_string(hide_password=False)
+
+
+def plain(database_url: str) -> str:
+    """A libpq URL for psycopg (no `+driver`)."""
+    url = make_url(database_url)
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def wait_consumers(amqp_url: str, queue: str, timeout: float, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise SystemExit(f"the process serving {queue} exited; see its log")
+        try:
+            connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+            try:
+                frame = connection.channel().queue_declare(queue, passive=True)
+                if frame.method.consumer_count > 0:
+                    return
+            finally:
+                connection.close()
+        except pika.exceptions.ChannelClosedByBroker:
+            pass  # not declared yet
+        except pika.exceptions.AMQPConnectionError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"nobody consumes {queue} after {timeout:.0f}s")
+
+
+class ServiceProcess:
+    def __init__(self, amqp_url: str, database_url: str, env: dict[str, str], log_path: Path,
+                 in_process: bool) -> None:
+        self.in_process = in_process
+        self.log_path = log_path
+        settings_env = {"AMQP_URL": amqp_url, "DATABASE_URL": database_url, **env}
+        if in_process:
+            from service.logging import configure
+            from service.settings import Settings
+            from service.app import Service
+
+            self.log_file = open(log_path, "w")  # noqa: SIM115
+            settings = Settings(**{k.lower(): v for k, v in settings_env.items()})
+            configure(settings.log_level, stream=self.log_file)
+            self.service = Service(settings)
+            self.service.start()
+            self.process = None
+        else:
+            self.log_file = open(log_path, "w")  # noqa: SIM115
+            self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT,
+                                            env={**os.environ, **settings_env}, stdout=self.log_file,
+                                            stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self.process is None or self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is None:
+            self.service.stop()
+        else:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fmt_ms(v: float) -> str:
+    return f"{v:8.1f} ms"
+
+
+def describe(run: Run) -> str:
+    results = ", ".join(f"{k} {v}" for k, v in sorted(run.results.items()))
+    extra = " TIMED OUT" if run.timed_out else ""
+    return f"replies {len(run.replies)} ({results}), events {len(run.events)}, nacked {run.nacked}{extra}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--amqp-url", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    parser.add_argument("--database-url",
+                        default=os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--vhost", help="use this existing vhost (default: create intyg-bench-<hex>)")
+    parser.add_argument("--database", help="use this existing database (default: create intyg_bench_<hex>)")
+    parser.add_argument("--keep", action="store_true", help="keep the vhost and database created")
+    parser.add_argument("-n", "--registrations", type=int, default=5000, help="(a) and (c): messages (5000)")
+    parser.add_argument("--warmup", type=int, default=500, help="untimed messages before (a) and (c) (500)")
+    parser.add_argument("--document-kb", type=int, default=20, help="document size in KB (20)")
+    parser.add_argument("--window", type=int, default=1000, help="unconfirmed publishes at most (1000)")
+    parser.add_argument("--rate", type=float, default=200.0, help="(b): offered msg/s (200)")
+    parser.add_argument("--duration", type=float, default=20.0, help="(b): seconds (20)")
+    parser.add_argument("--prefetch", type=int, default=200, help="the bare loop's prefetch (200, the service's default)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for the service, e.g. PARALLEL_CONSUMERS=2 (repeatable)")
+    parser.add_argument("--in-process", action="store_true", help="run the Service in this process (threads)")
+    parser.add_argument("--skip", action="append", default=[], choices=["a", "b", "c"], help="skip a part")
+    parser.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.bare_worker:
+        bare_worker(args.amqp_url, plain(args.database_url), args.prefetch)
+        return 0
+
+    env = dict(item.split("=", 1) for item in args.env)
+    env.setdefault("LOG_LEVEL", "INFO")
+    run_tag = uuid.uuid4().hex[:8]
+    vhost = args.vhost or f"intyg-bench-{run_tag}"
+    database = args.database or f"intyg_bench_{run_tag}"
+    server_db = plain(args.database_url)
+    if not args.vhost:
+        rabbitmqctl("add_vhost", vhost)
+        user = pika.URLParameters(args.amqp_url).credentials.username
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    if not args.database:
+        with psycopg.connect(server_db, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    amqp_url = with_vhost(args.amqp_url, vhost)
+    database_url = with_database(server_db, database)
+    workdir = Path(tempfile.mkdtemp(prefix="intyg-bench-"))
+    print(f"vhost {vhost}, database {database}, logs in {workdir}", flush=True)
+
+    from storage import migrate
+
+    migrate.upgrade(database_url)
+    results: dict[str, Any] = {}
+    try:
+        if set("ab") - set(args.skip):
+            service = ServiceProcess(amqp_url, database_url, env, workdir / "service.log", args.in_process)
+            try:
+                wait_consumers(amqp_url, REGISTRATION_QUEUE, 60, service.alive)
+                messages = Messages(run_tag, args.document_kb)
+                if args.warmup:
+                    Driver(amqp_url, exchange=COMMANDS_EXCHANGE, routing_key="certificate.register",
+                           messages=messages, count=args.warmup, name="warm-up", window=args.window).go()
+                if "a" not in args.skip:
+                    results["a"] = Driver(amqp_url, exchange=COMMANDS_EXCHANGE, routing_key="certificate.register",
+                                          messages=messages, count=args.registrations, name="throughput",
+                                          window=args.window).go()
+                    print(f"(a) done: {describe(results['a'])}", flush=True)
+                if "b" not in args.skip:
+                    results["b"] = Driver(amqp_url, exchange=COMMANDS_EXCHANGE, routing_key="certificate.register",
+                                          messages=messages, count=int(args.rate * args.duration),
+                                          name="latency", rate=args.rate,
+                                          timeout=args.duration + 120).go()
+                    print(f"(b) done: {describe(results['b'])}", flush=True)
+            finally:
+                service.stop()
+        if "c" not in args.skip:
+            with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {BARE_TABLE} "
+                             "(id text PRIMARY KEY, patient_id char(12) NOT NULL, body text NOT NULL)")
+            connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+            connection.channel().queue_declare(BARE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+            connection.close()
+            log = open(workdir / "bare.log", "w")  # noqa: SIM115
+            worker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--bare-worker",
+                                       "--amqp-url", amqp_url, "--database-url", database_url,
+                                       "--prefetch", str(args.prefetch)],
+                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_consumers(amqp_url, BARE_QUEUE, 30, lambda: worker.poll() is None)
+                messages = Messages(run_tag + "b", args.document_kb)
+                if args.warmup:
+                    Driver(amqp_url, exchange="", routing_key=BARE_QUEUE, messages=messages, count=args.warmup,
+                           name="bare warm-up", window=args.window, events=False).go()
+                results["c"] = Driver(amqp_url, exchange="", routing_key=BARE_QUEUE, messages=messages,
+                                      count=args.registrations, name="bare", window=args.window, events=False).go()
+                print(f"(c) done: {describe(results['c'])}", flush=True)
+            finally:
+                worker.send_signal(signal.SIGTERM)
+                try:
+                    worker.wait(10)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                log.close()
+    finally:
+        if not args.keep:
+            if not args.vhost:
+                try:
+                    rabbitmqctl("delete_vhost", vhost)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"could not delete vhost {vhost}: {exc}", file=sys.stderr)
+            if not args.database:
+                try:
+                    with psycopg.connect(server_db, autocommit=True) as conn:
+                        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"could not drop database {database}: {exc}", file=sys.stderr)
+
+    print_table(args, env, results)
+    return 0
+
+
+def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str, Run]) -> None:
+    settings = " ".join(f"{k}={v}" for k, v in sorted(env.items()))
+    print()
+    print(f"Intygstjänsten end to end — {os.cpu_count()} CPUs, service {'in-process' if args.in_process else 'subprocess'}"
+          f" ({settings}), documents {args.document_kb} KB, confirm window {args.window}")
+    print(f"{'':46}{'value':>16}")
+    rows: list[tuple[str, str]] = []
+    a, b, c = results.get("a"), results.get("b"), results.get("c")
+    if a is not None:
+        lat = a.latencies_ms()
+        rows += [(f"(a) service: {args.registrations} registrations", f"{args.registrations / a.elapsed:10.0f} /s"),
+                 ("    elapsed (until last reply and event)", f"{a.elapsed:10.2f} s"),
+                 ("    reply latency under that load p50", fmt_ms(percentile(lat, 50))),
+                 ("    reply latency under that load p99", fmt_ms(percentile(lat, 99))),
+                 ("    " + describe(a), "")]
+    if b is not None:
+        lat = b.latencies_ms()
+        offered = b.sent / max(1e-9, b.last_sent - b.first_sent) if b.sent > 1 else 0.0
+        rows += [(f"(b) steady {args.rate:g} msg/s for {args.duration:g} s: offered", f"{offered:10.1f} /s"),
+                 ("    reply latency p50", fmt_ms(percentile(lat, 50))),
+                 ("    reply latency p90", fmt_ms(percentile(lat, 90))),
+                 ("    reply latency p99", fmt_ms(percentile(lat, 99))),
+                 ("    reply latency max", fmt_ms(lat[-1] if lat else float("nan"))),
+                 ("    " + describe(b), "")]
+    if c is not None:
+        rows += [(f"(c) bare pika loop: {args.registrations} messages", f"{args.registrations / c.elapsed:10.0f} /s"),
+                 ("    elapsed (until last reply)", f"{c.elapsed:10.2f} s"),
+                 ("    " + describe(c), "")]
+    if a is not None and c is not None:
+        rows.append(("ratio service / bare", f"{(args.registrations / a.elapsed) / (args.registrations / c.elapsed):10.2f} x"))
+    for label, value in rows:
+        print(f"{label:46}{value:>16}" if value else label)
+    targets = []
+    if a is not None:
+        targets.append(f"≥1000/s: {'yes' if args.registrations / a.elapsed >= 1000 else 'NO'}")
+    if a is not None and c is not None:
+        targets.append(f"≥1.5× bare: {'yes' if a.elapsed * 1.5 <= c.elapsed else 'NO'}")
+    if b is not None:
+        targets.append(f"p99 ≤ 50 ms: {'yes' if percentile(b.latencies_ms(), 99) <= 50 else 'NO'}")
+    if targets:
+        print("targets: " + ", ".join(targets))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
