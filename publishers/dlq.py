@@ -180,7 +180,9 @@ def replay_properties(properties: Any, publisher: str | None) -> pika.BasicPrope
     user_id = properties.user_id
     if user_id and user_id != publisher:
         headers.setdefault(H_ORIGINAL_USER_ID, user_id)
-        user_id = None
+    # The replay names its publisher (the broker checks it), so the service can tell an operator's replay and
+    # let it act for the original sender in `x-intyg-original-user-id`.
+    user_id = publisher or None
     return pika.BasicProperties(
         content_type=properties.content_type, content_encoding=properties.content_encoding,
         headers=headers or None, delivery_mode=properties.delivery_mode or 2, priority=properties.priority,

@@ -185,6 +185,11 @@ class OutboxRelay:
                 except Exception as exc:  # broker or database fault: start over after a pause
                     self.stats.interruptions += 1
                     self.stats.last_error = _describe(exc)
+                    if self._stop_request()[0]:
+                        # Stopping with the broker or database away: what is left stays in the outbox, which
+                        # is durable, and the next relay to lead publishes it. Retrying now would only spin.
+                        self.log.warning("relay stopping before the outbox is flushed", error=self.stats.last_error)
+                        break
                     if time.monotonic() - started > 60.0:
                         backoff = self.backoff_initial_s  # it had been working for a while
                     self.log.warning("relay interrupted, will reconnect", error=self.stats.last_error,

@@ -131,7 +131,7 @@ def test_queue_names_accept_the_service_queue_or_its_dlq():
 
 # --- replay -----------------------------------------------------------------------------------------------------
 def test_replay_of_selected_ids_republishes_them_unchanged_and_removes_exactly_those(channel, dead_letters, tag,
-                                                                                     sender):
+                                                                                     sender, amqp_url):
     queue, observer = dead_letters
     user, their_channel = sender
     key = f"{tag}.certificate.revoke"
@@ -155,7 +155,7 @@ def test_replay_of_selected_ids_republishes_them_unchanged_and_removes_exactly_t
         expected_headers = {k: v for k, v in original.headers.items() if k not in BOOKKEEPING}
         expected_headers[H_ORIGINAL_USER_ID] = user  # the broker would refuse another user's user_id
         assert props.headers == expected_headers
-        assert props.user_id is None
+        assert props.user_id == pika.URLParameters(amqp_url).credentials.username  # the operator who replays
 
 
 def test_replay_keeps_the_user_id_of_the_publishing_user(channel, dead_letters, tag, amqp_url):

@@ -1,0 +1,139 @@
+"""Roles (CONTRACT §8) with ENFORCE_ROLES=true: three broker users (care limited to one care giver, the citizen
+portal, an operator); RabbitMQ checks the `user_id` property each publisher sets, the service checks the role."""
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections import Counter
+
+import pika
+import pytest
+from pika.exceptions import ChannelClosedByBroker
+
+try:
+    from tests.e2e.common import CG, CG2, CU2, certificate, check_reply, revoke_body
+    from tests.e2e.harness import REPO, Wire, cli, new_id, new_patient, service_env
+except ImportError:  # tests/ itself on sys.path
+    from e2e.common import CG, CG2, CU2, certificate, check_reply, revoke_body
+    from e2e.harness import REPO, Wire, cli, new_id, new_patient, service_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch, wire, stack, broker_users):
+    users = {role: broker_users.unique(f"e2e-{role}") for role in ("care", "portal", "operator")}
+    urls = {}
+    for role, user in users.items():
+        password = secrets.token_hex(8)
+        broker_users.add(user, password)
+        urls[role] = stack.grant(user, password)
+    launch(ENFORCE_ROLES="true", ROLES={users["care"]: {"role": "care", "care_giver_ids": [CG]},
+                                        users["portal"]: {"role": "citizen-portal"},
+                                        users["operator"]: {"role": "operator"}})
+    care, portal, operator = (Wire(urls[r], tap_events=False) for r in ("care", "portal", "operator"))
+    try:
+        def as_(who, routing_key, body, result="OK", code=None, **props):
+            w = {"care": care, "portal": portal, "operator": operator}[who]
+            mid = w.send(routing_key, body, user_id=users[who], **props)
+            return check_reply(w, mid, result, code)
+
+        p = new_patient()
+        cid = new_id()
+        # care may not set a citizen's consent; nothing changes
+        forbidden = as_("care", "consent.set", {"patient_id": p, "given": True}, "ERROR", "FORBIDDEN")
+        assert forbidden["data"] is None
+        assert as_("operator", "consent.get", {"patient_id": p})["data"]["given"] is False
+        # the citizen portal may not register; care may not register for another care giver
+        as_("portal", "certificate.register", {"certificate": certificate(cid, p)}, "ERROR", "FORBIDDEN")
+        other = new_id()
+        as_("care", "certificate.register", {"certificate": certificate(other, p, care_giver=CG2, care_unit=CU2)},
+            "ERROR", "FORBIDDEN")
+        as_("care", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG2}, "ERROR", "FORBIDDEN")
+        assert stack.db.scalar("select count(*) from certificates") == 0
+        assert stack.db.scalar("select count(*) from consents") == 0
+
+        # what each role may do works
+        as_("care", "certificate.register", {"certificate": certificate(cid, p)})
+        as_("portal", "consent.set", {"patient_id": p, "given": True})
+        as_("portal", "certificate.send", {"certificate_id": cid, "patient_id": p, "recipient_id": "FKASSA",
+                                           "sent_by": "CARE", "care_giver_id": CG}, "ERROR", "FORBIDDEN")
+        as_("portal", "certificate.send", {"certificate_id": cid, "patient_id": p, "recipient_id": "FKASSA",
+                                           "sent_by": "CITIZEN"})
+        as_("care", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG})
+        as_("portal", "certificate.get", {"certificate_id": cid, "patient_id": p})
+        as_("operator", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG})
+        as_("operator", "certificate.register", {"certificate": certificate(other, p, care_giver=CG2, care_unit=CU2)})
+
+        # FORBIDDEN is not remembered: the same message_id from an entitled sender applies
+        shared = f"shared-{new_id()}"
+        care.send("certificate.set-status", {"certificate_id": cid, "patient_id": p, "status": "ARCHIVED"},
+                  message_id=shared, user_id=users["care"])
+        check_reply(care, shared, "ERROR", "FORBIDDEN")
+        portal.send("certificate.set-status", {"certificate_id": cid, "patient_id": p, "status": "ARCHIVED"},
+                    message_id=shared, user_id=users["portal"])
+        check_reply(portal, shared, "OK")
+
+        # a care revoke that waits for its register: its retry copies still speak for care (NOT_FOUND, not
+        # FORBIDDEN), and its dead letter names the sender in x-intyg-original-user-id
+        late = new_id()
+        waiting = care.send("certificate.revoke", revoke_body(late, p), user_id=users["care"])
+        check_reply(care, waiting, "ERROR", "NOT_FOUND", timeout=15)
+        [letter] = wire.take("intyg.status.dlq", count=1, timeout=10)
+        assert letter.properties.message_id == waiting and letter.properties.user_id is None
+        assert letter.headers["x-intyg-original-user-id"] == users["care"]
+
+        # no user_id: no role (the broker only checks a user_id that is present)
+        check_reply(care, care.send("certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG}),
+                    "ERROR", "FORBIDDEN")
+        # another user's user_id: RabbitMQ refuses the publish and closes the channel
+        with pytest.raises(ChannelClosedByBroker) as refused:
+            care.send("consent.set", {"patient_id": p, "given": False}, user_id=users["operator"])
+        assert refused.value.reply_code == 406
+    finally:
+        for w in (care, portal, operator):
+            w.close()
+
+    wire.wait_events("certificate.archived", certificate_id=cid)
+    wire.pump(0.5)
+    assert Counter(e.routing_key for e in wire.events) == Counter({
+        "certificate.registered": 2, "certificate.sent": 1, "recipient.FKASSA.certificate.sent": 1,
+        "certificate.archived": 1})
+    assert stack.db.scalar("select given from consents where patient_id = %s", p) is True
+    for queue in ("intyg.registration", "intyg.status", "intyg.consent", "intyg.query"):
+        assert wire.ready(f"{queue}.dlq") == 0, queue  # refusals are answers, not dead letters
+
+
+def test_an_operators_dlq_replay_acts_for_the_original_sender(launch, wire, stack, broker_users):
+    users = {role: broker_users.unique(f"e2e-replay-{role}") for role in ("care", "operator")}
+    urls = {}
+    for role, user in users.items():
+        password = secrets.token_hex(8)
+        broker_users.add(user, password)
+        urls[role] = stack.grant(user, password)
+    launch(ENFORCE_ROLES="true", ROLES={users["care"]: {"role": "care", "care_giver_ids": [CG]},
+                                        users["operator"]: {"role": "operator"}})
+    care = Wire(urls["care"], tap_events=False)
+    try:
+        cid, p = new_id(), new_patient()
+        check_reply(care, care.send("certificate.register", {"certificate": certificate(cid, p)},
+                                    user_id=users["care"]), "OK")
+        # a dead letter exactly as the service writes one for a care user's message (see the test above)
+        message_id = f"replayed-{new_id()}"
+        wire.channel.basic_publish("", "intyg.status.dlq", json.dumps(revoke_body(cid, p)).encode(),
+                                   pika.BasicProperties(
+                                       message_id=message_id, content_type="application/json", delivery_mode=2,
+                                       reply_to=care.reply_queue, headers={
+                                           "x-intyg-original-user-id": users["care"],
+                                           "x-intyg-original-routing-key": "certificate.revoke",
+                                           "x-intyg-error-code": "NOT_FOUND", "x-intyg-error": "not found",
+                                           "x-intyg-attempts": 5, "x-intyg-dead-lettered-at": "2026-01-01T00:00:00Z"}))
+        wire.pump_until(lambda: wire.ready("intyg.status.dlq") == 1, 10, "the dead letter")
+        replay = subprocess.run(cli("dlq", "replay", "intyg.status", "--id", message_id), cwd=REPO,
+                                env=service_env(AMQP_URL=urls["operator"]), capture_output=True, text=True,
+                                timeout=60)
+        assert replay.returncode == 0 and "replayed 1 of 1" in replay.stdout, replay.stdout + replay.stderr
+        check_reply(care, message_id, "OK")
+        assert stack.db.scalar("select revoked_at is not null from certificates where id = %s", cid) is True
+    finally:
+        care.close()
