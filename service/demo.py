@@ -13,20 +13,10 @@ from rich.console import Console
 
 from contracts.topology import recipient_binding
 from service.client import Client, Listener
+from service.testdata import random_personnummer
 
 CARE_GIVER = {"id": "SE2321000016-1000", "name": "Vårdgivare 1"}
 CARE_UNIT = {"id": "SE2321000016-1004", "name": "Vårdenhet 1"}
-
-
-def random_personnummer(rng: random.Random) -> str:
-    """A valid, made-up personnummer (date + serial + Luhn digit), so each demo run has its own patient."""
-    born = dt.date(1940, 1, 1) + dt.timedelta(days=rng.randrange(60 * 365))
-    body = f"{born:%y%m%d}{rng.randrange(1000):03d}"
-    total = 0
-    for i, digit in enumerate(map(int, body)):
-        product = digit * (2 if i % 2 == 0 else 1)
-        total += product - 9 if product > 9 else product
-    return f"{born:%Y}{body[2:]}{(10 - total % 10) % 10}"
 
 
 def lisjp(certificate_id: str, patient_id: str) -> dict[str, Any]:

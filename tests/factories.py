@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from domain.model import Certificate, StatusChange, fingerprint
+from service.testdata import personnummer  # re-exported: the tests make their patients with it
 
 PATIENT = PATIENT_ID = "191212121212"
 OTHER_PATIENT = "199001012385"
@@ -27,16 +28,6 @@ CARE_UNIT = CARE_UNIT_ID = "SE2321000016-1004"
 SIGNED_AT = dt.datetime(2026, 11, 25, 8, 30, tzinfo=dt.timezone.utc)
 
 DOCUMENT: dict[str, Any] = {"media_type": "application/xml", "encoding": "utf-8", "content": "<intyg>Åsa 🩺</intyg>"}
-
-
-def personnummer(born: dt.date, serial: int) -> str:
-    """`YYYYMMDD` + three-digit serial + Luhn check digit over the last ten digits."""
-    digits = f"{born:%Y%m%d}{serial:03d}"
-    total = 0
-    for i, d in enumerate(digits[2:]):
-        n = int(d) * (2 if i % 2 == 0 else 1)
-        total += n - 9 if n > 9 else n
-    return digits + str((10 - total % 10) % 10)
 
 
 def issued_by(care_giver_id: str = CARE_GIVER, care_unit_id: str = CARE_UNIT) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import pika
 import psycopg
 
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
+from service.testdata import random_personnummer
 
 REPO = Path(__file__).resolve().parents[2]
 READY_LINE = "service started"
@@ -304,14 +305,7 @@ class Db:
 
 
 def new_patient() -> str:
-    """A valid, made-up personnummer (random date and serial, Luhn check digit)."""
-    born = dt.date(1930, 1, 1) + dt.timedelta(days=random.randrange(80 * 365))
-    digits = f"{born:%Y%m%d}{random.randrange(1000):03d}"
-    total = 0
-    for i, d in enumerate(digits[2:]):
-        n = int(d) * (2 if i % 2 == 0 else 1)
-        total += n - 9 if n > 9 else n
-    return digits + str((10 - total % 10) % 10)
+    return random_personnummer(random)
 
 
 def new_id(prefix: str = "c") -> str:
