@@ -18,8 +18,15 @@ What it does:
 4. (b) latency: offers a steady `--rate` msg/s for `--duration` s and reports reply latency percentiles;
 5. stops the service, then (c) runs a BARE reference as a separate process: a minimal pika loop (consume with
    manual ack and the same prefetch, one INSERT per message in autocommit, publish the reply, ack) on a quorum
-   queue of the same broker and database, fed the same kind of messages the same way; prints the ratio.
+   queue of the same broker and database, fed the same kind of messages the same way; prints the ratio;
+6. (d) the bare loop's reply latency at the same steady rate: what broker and database alone cost.
+For (a) and (c) it also prints the CPU time per message of the process under test, the broker, PostgreSQL and
+this client, and how busy every other process of the machine was (a busy neighbour skews every figure).
 It prints figures; it is not a test.
+
+    python benchmarks/throughput.py --split-relay          # consumers and relay as two processes (README)
+    git worktree add /tmp/before <commit>                  # the same benchmark against an older service
+    python benchmarks/throughput.py --service-root /tmp/before
 """
 from __future__ import annotations
 
@@ -29,7 +36,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import string
 import subprocess
 import sys
@@ -37,7 +43,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +56,8 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from service.testdata import personnummer  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS_EXCHANGE = "intyg.commands"
 EVENTS_EXCHANGE = "intyg.events"
@@ -61,15 +69,6 @@ BARE_TABLE = "bench_bare_registrations"
 # --------------------------------------------------------------------------------------------------------------
 # Messages
 # --------------------------------------------------------------------------------------------------------------
-
-
-def personnummer(born: dt.date, serial: int) -> str:
-    digits = f"{born:%Y%m%d}{serial:03d}"
-    total = 0
-    for i, d in enumerate(digits[2:]):
-        n = int(d) * (2 if i % 2 == 0 else 1)
-        total += n - 9 if n > 9 else n
-    return digits + str((10 - total % 10) % 10)
 
 
 class Messages:
@@ -125,6 +124,7 @@ class Run:
     last_sent: float = 0.0
     done_at: float = 0.0
     timed_out: bool = False
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used during the run, by process group
 
     @property
     def elapsed(self) -> float:
@@ -132,6 +132,61 @@ class Run:
 
     def latencies_ms(self) -> list[float]:
         return sorted((self.replies[m] - self.sent_at[m]) * 1000 for m in self.replies if m in self.sent_at)
+
+
+class CpuMeter:
+    """CPU seconds (user + system, from /proc) used during a run by: the process under test (the service or the
+    bare loop), the broker (beam.smp), PostgreSQL (every backend: also other clients'), this client, and every
+    other process of the machine (a busy neighbour shows up there)."""
+
+    def __init__(self, server_pids: Callable[[], set[int]]) -> None:
+        self.server_pids = server_pids
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.start: dict[str, float] = {}
+
+    def snapshot(self) -> dict[str, float]:
+        totals = {"server": 0.0, "broker": 0.0, "postgres": 0.0, "client": 0.0, "other": 0.0}
+        if not os.path.isdir("/proc"):
+            return totals
+        server = self.server_pids()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1: stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            used = (int(fields[11]) + int(fields[12])) / self.tick
+            if int(pid) in server:
+                group = "server"
+            elif int(pid) == os.getpid():
+                group = "client"
+            elif name == "beam.smp":
+                group = "broker"
+            elif name == "postgres":
+                group = "postgres"
+            else:
+                group = "other"
+            totals[group] += used
+        return totals
+
+    def begin(self) -> None:
+        self.start = self.snapshot()
+
+    def end(self) -> dict[str, float]:
+        now = self.snapshot()
+        # processes that ended during the run take their CPU with them: clamp at zero
+        return {k: max(0.0, now[k] - self.start.get(k, 0.0)) for k in now}
+
+
+def measured(meter: CpuMeter, driver: Driver) -> Run:
+    meter.begin()
+    run = driver.go()
+    run.cpu = meter.end()
+    return run
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -330,7 +385,8 @@ def with_vhost(amqp_url: str, vhost: str) -> str:
     params = pika.URLParameters(amqp_url)
     user = params.credentials.username
     password = params.credentials.password
-    return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{params.host}:{params.port}/{quote(vhost, safe='')}"
+    return (f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{params.host}:{params.port}/"
+            f"{quote(vhost, safe='')}")
 
 
 def with_database(database_url: str, name: str) -> str:
@@ -364,10 +420,21 @@ def wait_consumers(amqp_url: str, queue: str, timeout: float, alive: Callable[[]
     raise SystemExit(f"nobody consumes {queue} after {timeout:.0f}s")
 
 
+class ExternalService:
+    pids: set[int] = set()
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+
 class ServiceProcess:
     def __init__(self, amqp_url: str, database_url: str, env: dict[str, str], log_path: Path,
-                 in_process: bool) -> None:
+                 in_process: bool, split_relay: bool = False, root: Path = ROOT) -> None:
         self.in_process = in_process
+        self.processes: list[subprocess.Popen] = []
         self.log_path = log_path
         settings_env = {"AMQP_URL": amqp_url, "DATABASE_URL": database_url, **env}
         if in_process:
@@ -380,26 +447,33 @@ class ServiceProcess:
             configure(settings.log_level, stream=self.log_file)
             self.service = Service(settings)
             self.service.start()
-            self.process = None
         else:
             self.log_file = open(log_path, "w")  # noqa: SIM115
-            self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT,
-                                            env={**os.environ, **settings_env}, stdout=self.log_file,
-                                            stderr=subprocess.STDOUT)
+            commands = [["serve", "--no-relay"], ["serve", "--relay-only"]] if split_relay else [["serve"]]
+            for command in commands:
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", *command], cwd=root,
+                    env={**os.environ, **settings_env, "PYTHONPATH": str(root)},
+                    stdout=self.log_file, stderr=subprocess.STDOUT))
+
+    @property
+    def pids(self) -> set[int]:
+        return {p.pid for p in self.processes}
 
     def alive(self) -> bool:
-        return self.process is None or self.process.poll() is None
+        return all(p.poll() is None for p in self.processes)
 
     def stop(self) -> None:
-        if self.process is None:
+        if not self.processes:
             self.service.stop()
-        else:
-            self.process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
             try:
-                self.process.wait(30)
+                process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                process.kill()
+                process.wait()
         self.log_file.close()
 
 
@@ -410,6 +484,15 @@ class ServiceProcess:
 
 def fmt_ms(v: float) -> str:
     return f"{v:8.1f} ms"
+
+
+def cpu_line(run: Run, server: str) -> str:
+    n = max(1, len(run.replies))
+    c = run.cpu
+    return (f"    CPU ms per message: {server} {c.get('server', 0) * 1000 / n:.2f}"
+            f", broker {c.get('broker', 0) * 1000 / n:.2f}"
+            f", postgres {c.get('postgres', 0) * 1000 / n:.2f}, client {c.get('client', 0) * 1000 / n:.2f}"
+            f"; other processes {c.get('other', 0) / max(1e-9, run.elapsed):.2f} cores")
 
 
 def describe(run: Run) -> str:
@@ -433,11 +516,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=1000, help="unconfirmed publishes at most (1000)")
     parser.add_argument("--rate", type=float, default=200.0, help="(b): offered msg/s (200)")
     parser.add_argument("--duration", type=float, default=20.0, help="(b): seconds (20)")
-    parser.add_argument("--prefetch", type=int, default=200, help="the bare loop's prefetch (200, the service's default)")
+    parser.add_argument("--prefetch", type=int, default=200,
+                        help="the bare loop's prefetch (200, the service's default)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for the service, e.g. PARALLEL_CONSUMERS=2 (repeatable)")
     parser.add_argument("--in-process", action="store_true", help="run the Service in this process (threads)")
-    parser.add_argument("--skip", action="append", default=[], choices=["a", "b", "c"], help="skip a part")
+    parser.add_argument("--service-root", type=Path, default=ROOT,
+                        help="run the service (and the migration) from this checkout, e.g. a `git worktree` of an "
+                             "older commit, to compare before and after on the same machine")
+    parser.add_argument("--split-relay", action="store_true",
+                        help="run the consumers (`serve --no-relay`) and the outbox relay (`serve --relay-only`) as "
+                             "two processes")
+    parser.add_argument("--external-service", action="store_true",
+                        help="do not start the service: one already serves --vhost/--database (e.g. under a profiler)")
+    parser.add_argument("--skip", action="append", default=[], choices=["a", "b", "c", "d"],
+                        help="skip a part (d: the bare loop's latency at --rate, for comparison with b)")
     parser.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -463,13 +556,19 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="intyg-bench-"))
     print(f"vhost {vhost}, database {database}, logs in {workdir}", flush=True)
 
-    from storage import migrate
+    if args.service_root.resolve() == ROOT:
+        from storage import migrate
 
-    migrate.upgrade(database_url)
+        migrate.upgrade(database_url)
+    else:
+        subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=args.service_root, check=True,
+                       env={**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(args.service_root)})
     results: dict[str, Any] = {}
     try:
         if set("ab") - set(args.skip):
-            service = ServiceProcess(amqp_url, database_url, env, workdir / "service.log", args.in_process)
+            service = (ExternalService() if args.external_service else
+                       ServiceProcess(amqp_url, database_url, env, workdir / "service.log", args.in_process,
+                                      args.split_relay, args.service_root))
             try:
                 wait_consumers(amqp_url, REGISTRATION_QUEUE, 60, service.alive)
                 messages = Messages(run_tag, args.document_kb)
@@ -477,9 +576,10 @@ def main(argv: list[str] | None = None) -> int:
                     Driver(amqp_url, exchange=COMMANDS_EXCHANGE, routing_key="certificate.register",
                            messages=messages, count=args.warmup, name="warm-up", window=args.window).go()
                 if "a" not in args.skip:
-                    results["a"] = Driver(amqp_url, exchange=COMMANDS_EXCHANGE, routing_key="certificate.register",
-                                          messages=messages, count=args.registrations, name="throughput",
-                                          window=args.window).go()
+                    meter = CpuMeter(lambda: service.pids)
+                    results["a"] = measured(meter, Driver(
+                        amqp_url, exchange=COMMANDS_EXCHANGE, routing_key="certificate.register", messages=messages,
+                        count=args.registrations, name="throughput", window=args.window))
                     print(f"(a) done: {describe(results['a'])}", flush=True)
                 if "b" not in args.skip:
                     results["b"] = Driver(amqp_url, exchange=COMMANDS_EXCHANGE, routing_key="certificate.register",
@@ -489,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"(b) done: {describe(results['b'])}", flush=True)
             finally:
                 service.stop()
-        if "c" not in args.skip:
+        if set("cd") - set(args.skip):
             with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
                 conn.execute(f"CREATE TABLE IF NOT EXISTS {BARE_TABLE} "
                              "(id text PRIMARY KEY, patient_id char(12) NOT NULL, body text NOT NULL)")
@@ -507,9 +607,16 @@ def main(argv: list[str] | None = None) -> int:
                 if args.warmup:
                     Driver(amqp_url, exchange="", routing_key=BARE_QUEUE, messages=messages, count=args.warmup,
                            name="bare warm-up", window=args.window, events=False).go()
-                results["c"] = Driver(amqp_url, exchange="", routing_key=BARE_QUEUE, messages=messages,
-                                      count=args.registrations, name="bare", window=args.window, events=False).go()
-                print(f"(c) done: {describe(results['c'])}", flush=True)
+                if "c" not in args.skip:
+                    results["c"] = measured(CpuMeter(lambda: {worker.pid}), Driver(
+                        amqp_url, exchange="", routing_key=BARE_QUEUE, messages=messages, count=args.registrations,
+                        name="bare", window=args.window, events=False))
+                    print(f"(c) done: {describe(results['c'])}", flush=True)
+                if "d" not in args.skip:
+                    results["d"] = Driver(amqp_url, exchange="", routing_key=BARE_QUEUE, messages=messages,
+                                          count=int(args.rate * args.duration), name="bare latency",
+                                          rate=args.rate, events=False, timeout=args.duration + 120).go()
+                    print(f"(d) done: {describe(results['d'])}", flush=True)
             finally:
                 worker.send_signal(signal.SIGTERM)
                 try:
@@ -527,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.database:
                 try:
                     with psycopg.connect(server_db, autocommit=True) as conn:
-                        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+                        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                                     .format(sql.Identifier(database)))
                 except Exception as exc:  # noqa: BLE001
                     print(f"could not drop database {database}: {exc}", file=sys.stderr)
 
@@ -538,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str, Run]) -> None:
     settings = " ".join(f"{k}={v}" for k, v in sorted(env.items()))
     print()
-    print(f"Intygstjänsten end to end — {os.cpu_count()} CPUs, service {'in-process' if args.in_process else 'subprocess'}"
+    how = "in-process" if args.in_process else "two processes" if args.split_relay else "subprocess"
+    print(f"Intygstjänsten end to end — {os.cpu_count()} CPUs, service {how}"
           f" ({settings}), documents {args.document_kb} KB, confirm window {args.window}")
     print(f"{'':46}{'value':>16}")
     rows: list[tuple[str, str]] = []
@@ -549,6 +658,7 @@ def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str
                  ("    elapsed (until last reply and event)", f"{a.elapsed:10.2f} s"),
                  ("    reply latency under that load p50", fmt_ms(percentile(lat, 50))),
                  ("    reply latency under that load p99", fmt_ms(percentile(lat, 99))),
+                 (cpu_line(a, "service"), ""),
                  ("    " + describe(a), "")]
     if b is not None:
         lat = b.latencies_ms()
@@ -562,9 +672,16 @@ def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str
     if c is not None:
         rows += [(f"(c) bare pika loop: {args.registrations} messages", f"{args.registrations / c.elapsed:10.0f} /s"),
                  ("    elapsed (until last reply)", f"{c.elapsed:10.2f} s"),
+                 (cpu_line(c, "bare loop"), ""),
                  ("    " + describe(c), "")]
+    d = results.get("d")
+    if d is not None:
+        lat = d.latencies_ms()
+        rows += [(f"(d) bare loop, steady {args.rate:g} msg/s: reply p50", fmt_ms(percentile(lat, 50))),
+                 ("    reply latency p99", fmt_ms(percentile(lat, 99))),
+                 ("    " + describe(d), "")]
     if a is not None and c is not None:
-        rows.append(("ratio service / bare", f"{(args.registrations / a.elapsed) / (args.registrations / c.elapsed):10.2f} x"))
+        rows.append(("ratio service / bare", f"{c.elapsed / a.elapsed:10.2f} x"))
     for label, value in rows:
         print(f"{label:46}{value:>16}" if value else label)
     targets = []

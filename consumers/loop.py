@@ -42,7 +42,7 @@ from contracts.replies import Code, Reply
 from contracts.topology import SERVICE_QUEUES, dlq
 from publishers.replies import DirectPublisher, copy_properties
 from service.logging import get_logger, patient_hash, scrub
-from storage.errors import is_transient
+from storage.errors import RacedWithPurge, is_transient
 from storage.uow import SqlUnitOfWork
 
 # Queues whose messages may be handled in any order, so `parallel_consumers` threads may share them: two
@@ -125,6 +125,8 @@ def describe_fault(exc: BaseException) -> str:
     parameters)."""
     current: BaseException | None = exc
     while current is not None:
+        if isinstance(current, RacedWithPurge):
+            return str(current)
         if isinstance(current, psycopg.Error):
             state = current.sqlstate
             if state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03"):
@@ -155,10 +157,10 @@ def _patient_of(parsed: Parsed | None) -> str | None:
     if parsed is None:
         return None
     message = parsed.message
-    pid = getattr(message, "patient_id", None)
-    if pid is None:
-        certificate = getattr(message, "certificate", None)
-        pid = getattr(certificate, "patient_id", None)
+    fields = type(message).model_fields  # not getattr(..., None): a missing attribute costs pydantic an exception
+    pid = message.patient_id if "patient_id" in fields else None
+    if pid is None and "certificate" in fields and message.certificate is not None:
+        pid = message.certificate.patient_id
     return pid
 
 
@@ -354,6 +356,14 @@ class Consumer(threading.Thread):
         batch runs again with a savepoint per message, so that only the failing message is undone. A transient
         fault gives up the transaction either way: the message that hit it goes to the retry path and the others
         run again in a fresh transaction (at most MAX_ROUNDS transactions, then the rest goes to the retry path).
+
+        Writes are buffered (`storage.writes`) and a warm-up query answers the batch's inbox and certificate
+        lookups, so a batch of new registrations reads nothing and inserts with one statement per table. The price:
+        an insert fails when the buffer is flushed, possibly while a later message runs or at commit, where it is
+        not known whose row failed (`uow.flush_failed`). That is handled like any failure in the optimistic pass:
+        the batch runs again with a savepoint per message, each flushed when its savepoint ends, which pins the
+        failure on its message (a unique violation of a raced key is then transient: that message is retried, and
+        its retry reads the row that won).
         """
         pending = list(todo)
         savepoints = False
@@ -365,6 +375,7 @@ class Consumer(threading.Thread):
             culprit, fall_back = None, False
             try:
                 with SqlUnitOfWork(self.engine) as uow:
+                    self._warm(uow, pending)
                     for item in pending:
                         started = time.perf_counter()
                         try:
@@ -379,6 +390,11 @@ class Consumer(threading.Thread):
                                 break
                             item.not_yet = not_yet
                         except Exception as exc:  # noqa: BLE001
+                            if not savepoints and uow.flush_failed:
+                                # Queued inserts of earlier messages failed when this one's statement flushed
+                                # them: a savepoint per message (each flushed at its end) tells whose they were.
+                                fall_back = True
+                                break
                             if is_transient(exc):
                                 culprit, item.fault = item, exc
                                 break
@@ -388,6 +404,11 @@ class Consumer(threading.Thread):
                             item.fault = exc  # a bug: its savepoint is rolled back, the rest goes on
                         finally:
                             item.ms += (time.perf_counter() - started) * 1000
+                    if culprit is None and not fall_back and not savepoints:
+                        try:
+                            uow.flush()  # the batch's queued inserts; which message's failed is not known here
+                        except Exception:  # noqa: BLE001 - find it with a savepoint per message, like any failure
+                            fall_back = True
                     if culprit is None and not fall_back:
                         uow.commit()
             except Exception as exc:  # noqa: BLE001 - begin, commit or rollback failed: the whole batch
@@ -412,6 +433,14 @@ class Consumer(threading.Thread):
         for item in pending:  # too many transient faults in a row: let the retry path sort them out
             item.reset()
             item.fault = culprit.fault if culprit is not None else RuntimeError("too many transient faults")
+
+    @staticmethod
+    def _warm(uow: SqlUnitOfWork, pending: Sequence[Item]) -> None:
+        """One query tells which of the batch's commands are new and which certificates do not exist yet, so that
+        registering a batch of new certificates reads nothing more (see `SqlUnitOfWork.warm`)."""
+        commands = [i.parsed for i in pending if i.parsed is not None and not i.parsed.route.query]
+        if commands:
+            uow.warm([p.message_id for p in commands], [pipeline.subject(p) for p in commands])
 
     def _continue(self, item: Item) -> None:
         """A care giver leaving: commit and go on, one bounded batch per transaction, until done."""

@@ -207,10 +207,14 @@ def _outcome(reply: Reply) -> str:
 
 
 def subject(parsed: Parsed) -> str | None:
-    """The certificate a message is about, for the log line."""
+    """The certificate a message is about, for the log line and the batch warm-up. (Looks at the model's fields
+    rather than `getattr(message, name, None)`: a missing attribute costs pydantic an exception.)"""
     message = parsed.message
-    certificate = getattr(message, "certificate", None)
-    return getattr(message, "certificate_id", None) or (certificate.id if certificate is not None else None)
+    fields = type(message).model_fields
+    if "certificate_id" in fields and message.certificate_id:
+        return message.certificate_id
+    certificate = message.certificate if "certificate" in fields else None
+    return certificate.id if certificate is not None else None
 
 
 def error_reply(envelope: Envelope, code: Code, message: str) -> Reply:

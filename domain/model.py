@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from domain import canonical
 
 # Death certificates are for authorities, never shown to the citizen (CONTRACT.md §4).
 HIDDEN_FROM_CITIZEN = frozenset({"db", "doi"})
@@ -100,6 +101,7 @@ def must_purge(certificate: Certificate, consent: Consent) -> bool:
 
 
 def fingerprint(certificate_json: dict[str, Any]) -> str:
-    """Identity of a registered certificate's whole content: the same id with another fingerprint is a CONFLICT."""
-    canonical = json.dumps(certificate_json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """Identity of a registered certificate's whole content: the same id with another fingerprint is a CONFLICT.
+    The SHA-256 of `json.dumps(certificate_json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)` in
+    UTF-8, computed by `domain.canonical` (same bytes, several times faster for a large document)."""
+    return hashlib.sha256(canonical.dumps_utf8(certificate_json)).hexdigest()

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import (Connection, Integer, Row, Select, bindparam, delete, func, insert, literal, select, true,
-                        tuple_, update)
-from sqlalchemy.dialects.postgresql import TIMESTAMP, aggregate_order_by
+from sqlalchemy import (Connection, Integer, Row, Select, Text, any_, bindparam, delete, func, literal, select,
+                        true, tuple_, update)
+from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP, aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from domain.model import Certificate, StatusChange
 from domain.ports import CitizenFilter, PageKey
+from storage.errors import RacedWithPurge
 from storage.tables import certificate_documents as documents
 from storage.tables import certificate_statuses as statuses
 from storage.tables import certificates as certs
 from storage.tables import tombstones
+from storage.writes import insert_rows
 
 # Dates in a list filter are Swedish calendar days: a certificate signed 00:30 Swedish time on the 1st belongs
 # to the 1st, although it is still the 31st in UTC.
@@ -59,6 +61,8 @@ _STATUSES = (select(statuses.c.certificate_id, statuses.c.status, statuses.c.tar
              .where(statuses.c.certificate_id.in_(bindparam("ids", expanding=True)))
              .order_by(statuses.c.certificate_id, statuses.c.position))
 _IS_PURGED = select(literal(1)).where(tombstones.c.certificate_id == bindparam("certificate_id"))
+_PURGED_AMONG = select(tombstones.c.certificate_id).where(
+    tombstones.c.certificate_id == any_(bindparam("ids", type_=ARRAY(Text)))).limit(1)
 
 
 @lru_cache(maxsize=None)
@@ -129,6 +133,18 @@ class SqlCertificates:
     def __init__(self, connection: Connection) -> None:
         self._conn = connection
         self._stored: dict[str, int] = {}  # certificate id -> statuses known to be in the database
+        # From the unit of work's warm-up (`known_absent`): ids with no row, and ids with no tombstone, answered
+        # without a query. An id leaves these sets as soon as this transaction adds or purges it.
+        self._absent: set[str] = set()
+        self._unpurged: set[str] = set()
+
+    def known_absent(self, absent: Iterable[str], unpurged: Iterable[str]) -> None:
+        """The warm-up found no certificate row for `absent` and no tombstone for `unpurged`: `get` answers None
+        and `is_purged` False for them without a query. Safe for a transaction that then inserts one of them:
+        another transaction that inserted it meanwhile makes our insert fail on the primary key (transient, and
+        the retry reads the winner's row), and one that registered and purged it meanwhile is caught by the check
+        after the insert (`_not_purged_since`)."""
+        self._absent, self._unpurged = set(absent), set(unpurged)
 
     def forget(self) -> None:
         """After a rollback to a savepoint the counts may be ahead of the database; load again to be sure."""
@@ -136,6 +152,8 @@ class SqlCertificates:
 
     # --- reading -------------------------------------------------------------------------------------------
     def get(self, certificate_id: str, *, with_document: bool = False, for_update: bool = False) -> Certificate | None:
+        if certificate_id in self._absent:
+            return None
         row = self._conn.execute(_get_statement(with_document, for_update),
                                  {"certificate_id": certificate_id}).first()
         if row is None:
@@ -145,6 +163,8 @@ class SqlCertificates:
         return self._certificate(row, _listed_statuses(row), with_document)
 
     def is_purged(self, certificate_id: str) -> bool:
+        if certificate_id in self._unpurged:
+            return False
         return self._conn.execute(_IS_PURGED, {"certificate_id": certificate_id}).first() is not None
 
     def list_for_citizen(self, query: CitizenFilter, after: PageKey | None, limit: int) -> Sequence[Certificate]:
@@ -216,23 +236,35 @@ class SqlCertificates:
 
     # --- writing -------------------------------------------------------------------------------------------
     def add(self, certificate: Certificate) -> None:
+        """Queued with the unit of work's other writes (`storage.writes`): one executemany per table for a whole
+        batch; a later read of it flushes first and finds it."""
         content = certificate.content
-        self._conn.execute(insert(certs).values(
-            id=certificate.id, patient_id=certificate.patient_id, type=certificate.type,
-            type_version=content.get("type_version"), signed_at=certificate.signed_at,
-            valid_from=_date(content.get("valid_from")), valid_to=_date(content.get("valid_to")),
-            care_unit_id=certificate.care_unit_id, care_giver_id=certificate.care_giver_id,
-            test_certificate=certificate.test_certificate, fingerprint=certificate.fingerprint, content=content,
-            available_to_care=certificate.available_to_care, archived=certificate.archived,
-            revoked_at=certificate.revoked_at,
-        ))
+        self._absent.discard(certificate.id)
+        insert_rows(self._conn, certs, [{
+            "id": certificate.id, "patient_id": certificate.patient_id, "type": certificate.type,
+            "type_version": content.get("type_version"), "signed_at": certificate.signed_at,
+            "valid_from": _date(content.get("valid_from")), "valid_to": _date(content.get("valid_to")),
+            "care_unit_id": certificate.care_unit_id, "care_giver_id": certificate.care_giver_id,
+            "test_certificate": certificate.test_certificate, "fingerprint": certificate.fingerprint,
+            "content": content, "available_to_care": certificate.available_to_care,
+            "archived": certificate.archived, "revoked_at": certificate.revoked_at,
+        }])
         if certificate.document is not None:
             document = certificate.document
-            self._conn.execute(insert(documents).values(
-                certificate_id=certificate.id, media_type=document["media_type"],
-                encoding=document.get("encoding") or "utf-8", content=document["content"]))
+            insert_rows(self._conn, documents, [{
+                "certificate_id": certificate.id, "media_type": document["media_type"],
+                "encoding": document.get("encoding") or "utf-8", "content": document["content"]}])
         self._stored[certificate.id] = 0
         self._insert_statuses(certificate, 0)
+
+    def _not_purged_since(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Run right after certificate rows are inserted (`BufferedConnection.after_flush`). Register checks for a
+        tombstone before it inserts, without a lock; if another transaction registered the same id and purged it
+        in between, our insert succeeds (the row it deleted no longer conflicts) and the tombstone is already
+        committed: seen here, and the whole transaction is retried, which then answers PURGED."""
+        ids = [row["id"] for row in rows]
+        if self._conn.execute(_PURGED_AMONG, {"ids": ids}).first() is not None:
+            raise RacedWithPurge("raced with a purge of the same certificate id")
 
     def save(self, certificate: Certificate) -> None:
         self._conn.execute(update(certs).where(certs.c.id == certificate.id).values(
@@ -246,6 +278,8 @@ class SqlCertificates:
 
     def purge(self, certificate: Certificate, reason: str, at: dt.datetime) -> None:
         # Document and statuses go with the row (ON DELETE CASCADE); the tombstone keeps the id from coming back.
+        self._absent.discard(certificate.id)
+        self._unpurged.discard(certificate.id)
         self._conn.execute(delete(certs).where(certs.c.id == certificate.id))
         self._conn.execute(pg_insert(tombstones).values(certificate_id=certificate.id, purged_at=at, reason=reason)
                            .on_conflict_do_nothing(index_elements=[tombstones.c.certificate_id]))
@@ -255,10 +289,10 @@ class SqlCertificates:
         new = certificate.statuses[stored:]
         if not new:
             return
-        self._conn.execute(insert(statuses).values([
+        insert_rows(self._conn, statuses, [
             {"certificate_id": certificate.id, "position": position, "status": change.status,
              "target": change.target, "at": change.at}
-            for position, change in enumerate(new, start=stored)]))
+            for position, change in enumerate(new, start=stored)])
         self._stored[certificate.id] = len(certificate.statuses)
 
 

@@ -15,7 +15,9 @@ Transient:
 - class 53 insufficient resources (too many connections, out of memory, disk full): may pass;
 - 23505 unique_violation of a key we check before inserting (`RACED_KEYS`): two deliveries raced — two
   registers of one id, or a message redelivered while its first delivery was still running. The retry reads the
-  winner's row and answers ALREADY_EXISTS / CONFLICT / the stored reply, which is the right answer.
+  winner's row and answers ALREADY_EXISTS / CONFLICT / the stored reply, which is the right answer;
+- `RacedWithPurge`: a register inserted an id that another transaction registered and purged meanwhile (see
+  `SqlCertificates._not_purged_since`); the retry finds the tombstone and answers PURGED.
 Not transient: any other integrity error (it is a bug: retrying cannot change the data), 54xxx program limits
 (an index row too large stays too large), syntax and data errors.
 """
@@ -30,6 +32,10 @@ UNIQUE_VIOLATION = "23505"
 # Primary keys whose violation means "another transaction inserted the same thing first".
 RACED_KEYS = frozenset({"certificates_pkey", "certificate_documents_pkey", "certificate_statuses_pkey",
                         "inbox_pkey"})
+
+
+class RacedWithPurge(Exception):
+    """Raised inside the transaction that would bring a purged certificate back; transient (retry)."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -47,6 +53,8 @@ def is_transient(exc: BaseException) -> bool:
 
 def _verdict(exc: BaseException) -> bool | None:
     """True/False when `exc` decides it, None to look at its cause."""
+    if isinstance(exc, RacedWithPurge):
+        return True
     if isinstance(exc, (sa_exc.TimeoutError, sa_exc.DisconnectionError)):
         return True
     if isinstance(exc, sa_exc.DBAPIError):

@@ -15,9 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, text, update
+from sqlalchemy import BigInteger, Connection, Integer, any_, bindparam, delete, func, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from storage.tables import outbox
+from storage.writes import insert_rows
 
 RELAY_LOCK = (2, 1)  # advisory lock namespace 2 (1 = patients, 3 = migrations)
 MAX_ERROR_LENGTH = 2000
@@ -46,14 +48,13 @@ class SqlOutbox:
         self._conn = connection
 
     def add(self, messages: Sequence[OutboxMessage]) -> None:
-        """All of one message's replies and events in a single multi-row INSERT, ids in list order."""
-        if not messages:
-            return
-        self._conn.execute(insert(outbox).values([
+        """Queued with the unit of work's other writes (`storage.writes`) and inserted in the order added, across
+        every message of the batch: ids in that order."""
+        insert_rows(self._conn, outbox, [
             {"kind": m.kind, "exchange": m.exchange, "routing_key": m.routing_key, "message_id": m.message_id,
              "correlation_id": m.correlation_id, "content_type": m.content_type, "headers": dict(m.headers),
              "body": m.body}
-            for m in messages]))
+            for m in messages])
 
 
 def try_lead(conn: Connection) -> bool:
@@ -70,12 +71,21 @@ def release_lead(conn: Connection) -> bool:
                              {"a": RELAY_LOCK[0], "b": RELAY_LOCK[1]}).scalar_one())
 
 
+# The relay's statements, built once (building and caching a select costs more than PostgreSQL needs to run it).
+_UNPUBLISHED = (select(outbox.c.id, outbox.c.attempts, outbox.c.kind, outbox.c.exchange, outbox.c.routing_key,
+                       outbox.c.message_id, outbox.c.body, outbox.c.correlation_id, outbox.c.headers,
+                       outbox.c.content_type)
+                .where(outbox.c.published_at.is_(None)).order_by(outbox.c.id)
+                .limit(bindparam("limit", type_=Integer)))
+_MARK_PUBLISHED = (update(outbox)
+                   .where(outbox.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))),
+                          outbox.c.published_at.is_(None))
+                   .values(published_at=func.now()))
+
+
 def unpublished(conn: Connection, limit: int) -> list[OutboxRow]:
     """The oldest unpublished rows, in publication (id) order."""
-    rows = conn.execute(
-        select(outbox.c.id, outbox.c.attempts, outbox.c.kind, outbox.c.exchange, outbox.c.routing_key,
-               outbox.c.message_id, outbox.c.body, outbox.c.correlation_id, outbox.c.headers, outbox.c.content_type)
-        .where(outbox.c.published_at.is_(None)).order_by(outbox.c.id).limit(limit))
+    rows = conn.execute(_UNPUBLISHED, {"limit": limit}).all()
     return [OutboxRow(id=r.id, attempts=r.attempts, kind=r.kind, exchange=r.exchange, routing_key=r.routing_key,
                       message_id=r.message_id, body=bytes(r.body), correlation_id=r.correlation_id,
                       headers=r.headers or {}, content_type=r.content_type) for r in rows]
@@ -84,8 +94,7 @@ def unpublished(conn: Connection, limit: int) -> list[OutboxRow]:
 def mark_published(conn: Connection, ids: Sequence[int]) -> int:
     if not ids:
         return 0
-    return conn.execute(update(outbox).where(outbox.c.id.in_(list(ids)), outbox.c.published_at.is_(None))
-                        .values(published_at=func.now())).rowcount
+    return conn.execute(_MARK_PUBLISHED, {"ids": list(ids)}).rowcount
 
 
 def mark_failed(conn: Connection, id: int, error: str) -> None:

@@ -1,0 +1,232 @@
+"""Write buffering for the unit of work: INSERTs of new rows wait and go out together.
+
+The message loop runs a batch of messages in one transaction. Registering a certificate inserts five rows
+(certificate, document, status, inbox, outbox); sent one by one that is five round trips per message, and each
+multi-row `insert().values([...])` is a new statement SQLAlchemy compiles again. Buffered, every table's rows of
+a dozen messages go in one `executemany` of one cached statement, and all statements ride one psycopg pipeline:
+they are sent without waiting for their results, so PostgreSQL inserts one chunk while Python prepares the next,
+and only the final flush waits (one round trip).
+
+Rules, like an ORM's flush:
+- `defer(table, rows)` queues rows; once `send_after_rows` are queued they are sent (`send`), without waiting.
+- Before any statement that goes to the database through this connection (`execute`, `scalar`, `scalars`),
+  the queue is flushed first, so every read sees the transaction's own writes (read-your-writes) and every
+  UPDATE/DELETE finds the rows it is about.
+- The unit of work also flushes before a savepoint begins, when a savepoint ends without error (so a failing
+  write fails inside the savepoint of the message that made it), and before `commit()`.
+- Tables are flushed parents first (`metadata.sorted_tables`, so foreign keys hold); within one table rows keep
+  the order they were queued in, so the outbox's ids follow the order the messages were handled in (CONTRACT §7:
+  events of one certificate in the order they happened). Other tables are sorted by primary key, so two
+  transactions inserting the same keys lock them in the same order.
+- After a rollback (of the transaction or to a savepoint) the queue is `discard`ed: those writes never happened.
+- `flush` sends what is queued, waits for every result (any error of any send raises here at the latest) and
+  runs the after-flush checks.
+- A flush that fails sets `flush_failed`: the error belongs to whichever message queued the rows, not
+  necessarily to the one whose statement triggered the flush (the message loop then finds the culprit with a
+  savepoint per message).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from sqlalchemy import Connection, Insert, Table
+from sqlalchemy import exc as sa_exc
+
+from storage.tables import metadata
+
+_RANK = {table: rank for rank, table in enumerate(metadata.sorted_tables)}
+_INSERTS: dict[Table, Insert] = {}
+
+
+def insert_statement(table: Table) -> Insert:
+    """One `table.insert()` per table, so the compiled form is cached (the parameters come with the execute).
+    `inline()`: no implicit RETURNING of a generated key for a single row (nobody needs the outbox id at insert
+    time, and inside a pipeline the result is not there to read until the pipeline syncs)."""
+    statement = _INSERTS.get(table)
+    if statement is None:
+        statement = _INSERTS[table] = table.insert().inline()
+    return statement
+
+
+@lru_cache(maxsize=None)
+def _primary_key(table: Table) -> Callable[[Mapping[str, Any]], tuple] | None:
+    names = [c.name for c in table.primary_key.columns]
+    if not names or any(c.autoincrement is True for c in table.primary_key.columns):
+        return None  # a sequence decides (the outbox): keep the queued order
+    return lambda row: tuple(row[name] for name in names)
+
+
+class BufferedConnection:
+    """A SQLAlchemy `Connection` whose inserts of new rows may wait (see the module docstring). Everything not
+    defined here is the wrapped connection's (`commit`, `rollback`, `begin_nested`, ...)."""
+
+    # Queued rows beyond which they are sent at once, without waiting for the results, so that PostgreSQL inserts
+    # them while the caller prepares the next ones: about 40 registrations. (Measured: smaller chunks cost more
+    # statements than the overlap saves; this much is as fast as one send per batch and keeps big batches moving.)
+    send_after_rows = 256
+
+    def __init__(self, connection: Connection) -> None:
+        self._conn = connection
+        self._rows: dict[Table, list[dict[str, Any]]] = {}
+        self._queued = 0
+        self._after_flush: dict[Table, Callable[[list[dict[str, Any]]], None]] = {}
+        self._unchecked: list[tuple[Callable[[list[dict[str, Any]]], None], list[dict[str, Any]]]] = []
+        self._pipeline: Any = None  # an open psycopg pipeline (its context manager) while sent rows are in flight
+        self.flush_failed = False
+
+    @property
+    def raw(self) -> Connection:
+        return self._conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    # -- the queue -----------------------------------------------------------------------------------------------
+
+    def defer(self, table: Table, rows: Iterable[dict[str, Any]]) -> None:
+        """Queue rows for `table` (every row of one table with the same keys)."""
+        queue = self._rows.setdefault(table, [])
+        before = len(queue)
+        queue.extend(rows)
+        self._queued += len(queue) - before
+        if self._queued >= self.send_after_rows:
+            self.send()
+
+    def after_flush(self, table: Table, check: Callable[[list[dict[str, Any]]], None]) -> None:
+        """`check(rows)` runs once `table`'s queued rows are inserted (before `flush` returns); it may raise."""
+        self._after_flush[table] = check
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._rows) or self._pipeline is not None or bool(self._unchecked)
+
+    def send(self) -> None:
+        """Send the queued rows in a psycopg pipeline and return without waiting for their results: PostgreSQL works
+        on them meanwhile. A failure may surface here (an earlier send's) or at the next `flush`."""
+        if not self._rows:
+            return
+        queued, self._rows, self._queued = self._rows, {}, 0
+        with self._failing():
+            if self._pipeline is None:
+                self._pipeline = self._open_pipeline()
+            for table in sorted(queued, key=lambda t: _RANK.get(t, len(_RANK))):
+                rows = queued[table]
+                key = _primary_key(table)
+                if key is not None and len(rows) > 1:
+                    rows = sorted(rows, key=key)
+                self._conn.execute(insert_statement(table), rows)
+                check = self._after_flush.get(table)
+                if check is not None:
+                    self._unchecked.append((check, rows))
+
+    def flush(self) -> None:
+        """Insert everything queued and wait until it is in: every error of every send so far raises here at the
+        latest. Then run the after-flush checks."""
+        if not self.pending:
+            return
+        self.send()
+        with self._failing():
+            pipeline, self._pipeline = self._pipeline, None
+            if pipeline is not None:
+                pipeline.__exit__(None, None, None)  # Sync: wait for every result
+            checks, self._unchecked = self._unchecked, []
+            merged: dict[Callable[[list[dict[str, Any]]], None], list[dict[str, Any]]] = {}
+            for check, rows in checks:  # one check for the rows of every send
+                merged.setdefault(check, []).extend(rows)
+            for check, rows in merged.items():
+                check(rows)
+
+    def discard(self) -> None:
+        """Forget what is queued and in flight (the transaction or savepoint is being rolled back)."""
+        self._rows, self._queued, self._unchecked = {}, 0, []
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            try:
+                pipeline.__exit__(None, None, None)
+            except Exception:  # noqa: BLE001 - its errors belong to writes being rolled back
+                pass
+
+    # -- machinery -----------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _failing(self) -> Iterator[None]:
+        """Mark `flush_failed` on any error; wrap psycopg's own (raised by the pipeline, not by a statement
+        SQLAlchemy ran) the way SQLAlchemy would, so callers see one kind of error whichever way it came."""
+        try:
+            yield
+        except BaseException as error:
+            self.flush_failed = True
+            pipeline, self._pipeline = self._pipeline, None
+            if pipeline is not None:  # leave pipeline mode; the transaction is lost anyway
+                try:
+                    pipeline.__exit__(None, None, None)
+                except Exception:  # noqa: BLE001 - the first error is the one that matters
+                    pass
+            if not isinstance(error, psycopg.Error):
+                raise
+            broken = self._lost(error)
+            if broken and not self._conn.invalidated:
+                self._conn.invalidate()  # not back into the pool: the next checkout would get a dead connection
+            raise sa_exc.DBAPIError.instance(
+                "(flushing queued inserts)", None, error, psycopg.Error, hide_parameters=True,
+                connection_invalidated=broken, dialect=self._conn.dialect) from error
+
+    def _lost(self, error: psycopg.Error) -> bool:
+        """The connection is gone (or going: the server's FATAL may come before the end of the stream)."""
+        driver = self._driver()
+        if driver is None or driver.broken or driver.closed:
+            return True
+        state = error.sqlstate
+        return (state is None and isinstance(error, psycopg.OperationalError)) or (
+            state is not None and (state.startswith("08") or state in ("57P01", "57P02", "57P03")))
+
+    def _driver(self) -> Any:
+        try:
+            return self._conn.connection.driver_connection
+        except Exception:  # noqa: BLE001 - closed or invalidated: no pipeline
+            return None
+
+    def _open_pipeline(self) -> Any:
+        """psycopg pipeline mode: every executemany rides one pipeline, which is synced (one round trip) only when
+        `flush` needs the results. Without pipeline support each executemany waits for its own results."""
+        driver = self._driver()
+        if driver is None or not hasattr(driver, "pipeline") or not psycopg.Pipeline.is_supported():
+            pipeline: Any = nullcontext()
+        else:
+            pipeline = driver.pipeline()
+        pipeline.__enter__()
+        return pipeline
+
+    # -- statements: flush first -----------------------------------------------------------------------------------
+
+    def execute(self, statement: Any, parameters: Any = None, **kwargs: Any) -> Any:
+        if self.pending:
+            self.flush()
+        return self._conn.execute(statement, parameters, **kwargs)
+
+    def scalar(self, statement: Any, parameters: Any = None, **kwargs: Any) -> Any:
+        if self.pending:
+            self.flush()
+        return self._conn.scalar(statement, parameters, **kwargs)
+
+    def scalars(self, statement: Any, parameters: Any = None, **kwargs: Any) -> Any:
+        if self.pending:
+            self.flush()
+        return self._conn.scalars(statement, parameters, **kwargs)
+
+
+def insert_rows(connection: Any, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Queue `rows` on a `BufferedConnection`, or insert them at once (one executemany) on a plain connection."""
+    if not rows:
+        return
+    if isinstance(connection, BufferedConnection):
+        connection.defer(table, rows)
+    else:
+        connection.execute(insert_statement(table), list(rows))
+
+
+__all__ = ["BufferedConnection", "insert_rows", "insert_statement"]
