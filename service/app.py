@@ -53,6 +53,7 @@ class Service:
         self._relay_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._stopped = False
+        self._listener: Any = None
 
     # -- start ---------------------------------------------------------------------------------------------------
 
@@ -75,6 +76,12 @@ class Service:
                                      recipient_queue_arguments=topology.RECIPIENT_ARGUMENTS)
             self._relay_thread = threading.Thread(target=self.relay.run, name="outbox-relay", daemon=True)
             self._relay_thread.start()
+            if not self.with_consumers:  # the consumers commit in other processes: hear them through NOTIFY
+                from publishers.wakeup import OutboxListener
+
+                self._listener = OutboxListener(self.engine, self.relay.wake, get_logger("intygstjanst.relay"),
+                                                backoff_max_s=settings.reconnect_max_s)
+                self._listener.start()
         if self.with_consumers:
             declare: Callable[[Any], Any] = lambda channel: topology.declare(channel, settings)  # noqa: E731
             self.consumers = make_consumers(settings, self.engine, relay=self.relay, queues=self.queues,
@@ -116,6 +123,8 @@ class Service:
             consumer.join(max(0.1, deadline - time.monotonic()))
             if consumer.is_alive():
                 self.log.warning("consumer did not stop in time", queue=consumer.queue)
+        if self._listener is not None:
+            self._listener.stop()
         if self.relay is not None:
             self.relay.stop(flush=True, timeout=max(1.0, min(10.0, deadline - time.monotonic())))
         if self._relay_thread is not None:

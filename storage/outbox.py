@@ -43,18 +43,28 @@ class OutboxRow(OutboxMessage):
     attempts: int = 0
 
 
+NOTIFY_CHANNEL = "intyg_outbox"
+
+
 class SqlOutbox:
     def __init__(self, connection: Connection) -> None:
         self._conn = connection
+        self.added = False  # since the last commit or rollback
 
     def add(self, messages: Sequence[OutboxMessage]) -> None:
         """Queued with the unit of work's other writes (`storage.writes`) and inserted in the order added, across
         every message of the batch: ids in that order."""
+        self.added = self.added or bool(messages)
         insert_rows(self._conn, outbox, [
             {"kind": m.kind, "exchange": m.exchange, "routing_key": m.routing_key, "message_id": m.message_id,
              "correlation_id": m.correlation_id, "content_type": m.content_type, "headers": dict(m.headers),
              "body": m.body}
             for m in messages])
+
+
+def notify(conn: Connection) -> None:
+    """Tell a listening relay (publishers.wakeup) that rows are coming; delivered when the transaction commits."""
+    conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
 
 
 def try_lead(conn: Connection) -> bool:

@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from storage.certificates import SqlCertificates
 from storage.consents import SqlConsents
 from storage.inbox import SqlInbox
+from storage import outbox as outbox_store
 from storage.outbox import SqlOutbox
 from storage.progress import SqlProgress
 from storage.tables import certificates, inbox, tombstones
@@ -112,6 +113,9 @@ class SqlUnitOfWork:
 
     def commit(self) -> None:
         conn = self._buffered()
+        if self.outbox.added:
+            outbox_store.notify(conn)  # flushes the buffered writes too
+            self.outbox.added = False
         conn.flush()
         conn.commit()
         self._forget_warm()
@@ -119,6 +123,7 @@ class SqlUnitOfWork:
     def rollback(self) -> None:
         conn = self._buffered()
         conn.discard()
+        self.outbox.added = False
         conn.rollback()
         self.certificates.forget()
         self._forget_warm()

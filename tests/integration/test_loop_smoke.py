@@ -192,3 +192,22 @@ def test_a_database_that_is_down_means_retries_then_unavailable(amqp_url, reques
         consumer.join(15)
         engine.dispose()
     assert not consumer.is_alive()
+
+
+def test_a_relay_in_another_process_hears_commits_through_notify(settings, requester):
+    """`serve --no-relay` + `serve --relay-only`: the consumers cannot call `wake()` on the relay, so the
+    commit's NOTIFY must; with polling set to a minute, only NOTIFY can make the reply arrive in seconds."""
+    slow_poll = settings.model_copy(update={"relay_poll_s": 60.0})
+    relay_only = Service(slow_poll, consumers=False, relay=True)
+    consumers_only = Service(slow_poll, consumers=True, relay=False)
+    relay_only.start(ready_timeout=30)
+    consumers_only.start(ready_timeout=30)
+    try:
+        time.sleep(0.5)  # the relay's first round is done; from here on it only polls or hears NOTIFY
+        body = {"certificate": factories.certificate_json(id=f"split-{uuid.uuid4()}")}
+        message_id = requester.send("certificate.register", body)
+        _, reply = requester.reply(message_id, timeout=10.0)
+        assert reply["result"] == "OK", reply
+    finally:
+        consumers_only.stop()
+        relay_only.stop()
