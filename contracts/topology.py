@@ -40,9 +40,3 @@ def recipient_binding(recipient_id: str) -> str:
 def recipient_routing_key(recipient_id: str, what: str) -> str:
     return f"recipient.{recipient_id}.certificate.{what}"
 
-
-def queue_of(message_type: str) -> str | None:
-    for queue, types in SERVICE_QUEUES.items():
-        if message_type in types:
-            return queue
-    return None

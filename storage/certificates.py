@@ -309,9 +309,4 @@ def _document(row: Row) -> dict[str, Any] | None:
     return {"media_type": row.media_type, "encoding": row.encoding, "content": row.document_content}
 
 
-def page_key(certificate: Certificate) -> PageKey:
-    """The key of the last certificate on a page, from which the next page starts."""
-    return PageKey(certificate.signed_at, certificate.id)
-
-
-__all__ = ("SqlCertificates", "page_key", "CALENDAR_ZONE")
+__all__ = ("SqlCertificates", "CALENDAR_ZONE")

@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 from domain.model import Certificate, StatusChange, fingerprint
-from service.testdata import personnummer  # re-exported: the tests make their patients with it
+from service.testdata import personnummer  # noqa: F401  (re-exported: the tests make their patients with it)
 
 PATIENT = PATIENT_ID = "191212121212"
 OTHER_PATIENT = "199001012385"

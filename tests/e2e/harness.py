@@ -3,7 +3,6 @@ AMQP connection playing every client at once (`Wire`: commands and their replies
 recipient queues and dead-letter queues), and a few SQL look-ups (`Db`)."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import random
