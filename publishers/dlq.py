@@ -210,38 +210,16 @@ def replay(channel: Any, queue: str, message_ids: Collection[str] | None = None,
     selected, and with `dry_run` all of them, are requeued. At most the number of messages in the queue at the
     start is looked at (every one of them, so that all copies of a selected id are replayed).
     """
-    wanted = None if message_ids is None else set(message_ids)
     result = ReplayResult(dry_run=dry_run)
     publisher = publisher if publisher is not None else connection_user(channel)
     if not dry_run and not getattr(channel, "_delivery_confirmation", False):
         channel.confirm_delivery()
-    held: list[int] = []
-    total = message_count(channel, queue)
-    found: set[str] = set()
-    try:
-        for _ in range(total):
-            method, properties, body = channel.basic_get(queue, auto_ack=False)
-            if method is None:
-                break
-            result.seen += 1
-            message_id = properties.message_id
-            if wanted is not None and message_id not in wanted:
-                held.append(method.delivery_tag)
-            else:
-                if message_id is not None:
-                    found.add(message_id)
-                result.selected += 1
-                if _replay_one(channel, queue, method, properties, body, publisher, dry_run, result):
-                    if dry_run:
-                        held.append(method.delivery_tag)
-                else:
-                    held.append(method.delivery_tag)
-            if progress_cb is not None:
-                progress_cb(result.seen, total)
-    finally:
-        result.requeued = _requeue(channel, queue, held)
-    if wanted is not None:
-        result.not_found = wanted - found
+
+    def replay_it(method: Any, properties: Any, body: bytes) -> bool:
+        result.selected += 1
+        return _replay_one(channel, queue, method, properties, body, publisher, dry_run, result) and not dry_run
+
+    _sweep(channel, queue, message_ids, progress_cb, replay_it, result)
     return result
 
 
@@ -272,26 +250,37 @@ def purge(channel: Any, queue: str, message_ids: Collection[str] | None = None, 
           progress_cb: Progress | None = None) -> PurgeResult:
     """Remove dead letters for good: the ones with the given `message_ids`, or (None) every message that was in
     the queue at the start. The others are requeued."""
-    wanted = None if message_ids is None else set(message_ids)
     result = PurgeResult(dry_run=dry_run)
+
+    def purge_it(method: Any, _properties: Any, _body: bytes) -> bool:
+        result.purged += 1
+        if not dry_run:
+            channel.basic_ack(delivery_tag=method.delivery_tag)
+        return not dry_run
+
+    _sweep(channel, queue, message_ids, progress_cb, purge_it, result)
+    return result
+
+
+def _sweep(channel: Any, queue: str, message_ids: Collection[str] | None, progress_cb: Progress | None,
+           act: Any, result: ReplayResult | PurgeResult) -> None:
+    """Look once at each message that was in `queue` at the start; `act` on the selected ones (it says whether it
+    took the message out of the queue). Every message not taken is held until the end and then requeued, so no
+    message is looked at twice and the sweep ends even on a busy queue."""
+    wanted = None if message_ids is None else set(message_ids)
     held: list[int] = []
-    total = message_count(channel, queue)
     found: set[str] = set()
+    total = message_count(channel, queue)
     try:
         for _ in range(total):
-            method, properties, _body = channel.basic_get(queue, auto_ack=False)
+            method, properties, body = channel.basic_get(queue, auto_ack=False)
             if method is None:
                 break
             result.seen += 1
-            if wanted is None or properties.message_id in wanted:
-                if properties.message_id is not None:
-                    found.add(properties.message_id)
-                result.purged += 1
-                if dry_run:
-                    held.append(method.delivery_tag)
-                else:
-                    channel.basic_ack(delivery_tag=method.delivery_tag)
-            else:
+            selected = wanted is None or properties.message_id in wanted
+            if selected and properties.message_id is not None:
+                found.add(properties.message_id)
+            if not (selected and act(method, properties, body)):
                 held.append(method.delivery_tag)
             if progress_cb is not None:
                 progress_cb(result.seen, total)
@@ -299,7 +288,6 @@ def purge(channel: Any, queue: str, message_ids: Collection[str] | None = None, 
         result.requeued = _requeue(channel, queue, held)
     if wanted is not None:
         result.not_found = wanted - found
-    return result
 
 
 def _requeue(channel: Any, queue: str, tags: Iterable[int], settle_s: float = 5.0) -> int:
