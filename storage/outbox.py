@@ -93,12 +93,24 @@ _MARK_PUBLISHED = (update(outbox)
                    .values(published_at=func.now()))
 
 
+_new_row = object.__new__
+
+
+def _outbox_row(id: int, attempts: int, kind: str, exchange: str, routing_key: str, message_id: str, body: Any,
+                correlation_id: str | None, headers: Any, content_type: str) -> OutboxRow:
+    """`OutboxRow(...)` without the frozen dataclass's `__init__` (a `object.__setattr__` per field): the relay
+    makes one per published message."""
+    row = _new_row(OutboxRow)
+    row.__dict__.update(kind=kind, exchange=exchange, routing_key=routing_key, message_id=message_id,
+                        body=body if type(body) is bytes else bytes(body), correlation_id=correlation_id,
+                        headers=headers or {}, content_type=content_type, id=id, attempts=attempts)
+    return row
+
+
 def unpublished(conn: Connection, limit: int) -> list[OutboxRow]:
     """The oldest unpublished rows, in publication (id) order."""
     rows = conn.execute(_UNPUBLISHED, {"limit": limit}).all()
-    return [OutboxRow(id=r.id, attempts=r.attempts, kind=r.kind, exchange=r.exchange, routing_key=r.routing_key,
-                      message_id=r.message_id, body=bytes(r.body), correlation_id=r.correlation_id,
-                      headers=r.headers or {}, content_type=r.content_type) for r in rows]
+    return [_outbox_row(*r) for r in rows]
 
 
 def mark_published(conn: Connection, ids: Sequence[int]) -> int:
