@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -148,7 +148,7 @@ def process(parsed: Parsed, uow: Any, policy: Policy, now: dt.datetime | None = 
     ctx = Context(request_id=parsed.message_id, now=now or dt.datetime.now(dt.UTC), catalogue=policy.catalogue,
                   bulk_batch_size=policy.bulk_batch_size)
     try:
-        ctx = Context(**{**ctx.__dict__, "caller": authorize(parsed, policy)})
+        ctx = replace(ctx, caller=authorize(parsed, policy))
     except Refused as refusal:
         # Not remembered in the inbox: the same message_id from an entitled sender must still apply.
         return _answer(parsed, uow, reply_for_refusal(refusal, ctx.request_id), [], refusal.code)
