@@ -82,11 +82,19 @@ def release_lead(conn: Connection) -> bool:
 
 
 # The relay's statements, built once (building and caching a select costs more than PostgreSQL needs to run it).
-_UNPUBLISHED = (select(outbox.c.id, outbox.c.attempts, outbox.c.kind, outbox.c.exchange, outbox.c.routing_key,
-                       outbox.c.message_id, outbox.c.body, outbox.c.correlation_id, outbox.c.headers,
-                       outbox.c.content_type)
-                .where(outbox.c.published_at.is_(None)).order_by(outbox.c.id)
-                .limit(bindparam("limit", type_=Integer)))
+_OLDEST_UNPUBLISHED = (
+    select(outbox.c.id, outbox.c.attempts, outbox.c.kind, outbox.c.exchange, outbox.c.routing_key,
+           outbox.c.message_id, outbox.c.body, outbox.c.correlation_id, outbox.c.headers, outbox.c.content_type,
+           (func.sum(func.octet_length(outbox.c.body)).over(order_by=outbox.c.id)
+            - func.octet_length(outbox.c.body)).label("bytes_before"))
+    .where(outbox.c.published_at.is_(None)).order_by(outbox.c.id)
+    .limit(bindparam("limit", type_=Integer))
+    .subquery())
+# A batch stops at `max_bytes` of bodies (the first row always comes): 500 recipient deliveries of 4 MiB each
+# must not all be in memory at once.
+_UNPUBLISHED = (select(*[c for c in _OLDEST_UNPUBLISHED.c if c.name != "bytes_before"])
+                .where(_OLDEST_UNPUBLISHED.c.bytes_before < bindparam("max_bytes", type_=BigInteger))
+                .order_by(_OLDEST_UNPUBLISHED.c.id))
 _MARK_PUBLISHED = (update(outbox)
                    .where(outbox.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))),
                           outbox.c.published_at.is_(None))
@@ -107,9 +115,10 @@ def _outbox_row(id: int, attempts: int, kind: str, exchange: str, routing_key: s
     return row
 
 
-def unpublished(conn: Connection, limit: int) -> list[OutboxRow]:
-    """The oldest unpublished rows, in publication (id) order."""
-    rows = conn.execute(_UNPUBLISHED, {"limit": limit}).all()
+def unpublished(conn: Connection, limit: int, max_bytes: int = 64 * 1024 * 1024) -> list[OutboxRow]:
+    """The oldest unpublished rows, in publication (id) order: at most `limit` rows, and no more rows once their
+    bodies add up to `max_bytes` (but always the first)."""
+    rows = conn.execute(_UNPUBLISHED, {"limit": limit, "max_bytes": max_bytes}).all()
     return [_outbox_row(*r) for r in rows]
 
 

@@ -462,6 +462,23 @@ def test_outbox_publishes_in_order(engine):
         assert relay.pending_count(conn) == 2
 
 
+def test_outbox_batch_stops_at_its_byte_budget_but_always_takes_the_first_row(engine):
+    with engine.connect() as conn:  # what earlier tests left is not this test's business
+        relay.mark_published(conn, [r.id for r in relay.unpublished(conn, 10_000)])
+        conn.commit()
+    big = [OutboxMessage(kind="event", exchange="intyg.events", routing_key=f"rk.big.{n}", message_id=f"big-{n}",
+                         body=bytes([n]) * 1000) for n in range(5)]
+    with SqlUnitOfWork(engine) as uow:
+        uow.outbox.add(big)
+        uow.commit()
+    with engine.connect() as conn:
+        assert [r.message_id for r in relay.unpublished(conn, 10, max_bytes=2500)] == ["big-0", "big-1", "big-2"]
+        assert [r.message_id for r in relay.unpublished(conn, 10, max_bytes=1)] == ["big-0"]
+        assert [r.message_id for r in relay.unpublished(conn, 2, max_bytes=10**9)] == ["big-0", "big-1"]
+        relay.mark_published(conn, [r.id for r in relay.unpublished(conn, 10)])
+        conn.commit()
+
+
 def test_only_one_relay_leads(engine):
     with engine.connect() as first, engine.connect() as second:
         assert relay.try_lead(first)
