@@ -3,9 +3,13 @@ from empty, or so that other modules' rows never show up in a list or a count)."
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 from sqlalchemy.engine import make_url
+
+from storage import migrate
 
 
 class FreshDatabase:
@@ -26,3 +30,11 @@ class FreshDatabase:
 
     def __exit__(self, *exc: object) -> None:
         self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+@contextmanager
+def migrated_database(database_url: str, suffix: str) -> Iterator[str]:
+    """A fresh database next to `database_url`, migrated to the newest revision, dropped on exit."""
+    with FreshDatabase(database_url, suffix) as url:
+        migrate.upgrade(url)
+        yield url

@@ -21,13 +21,19 @@ except ImportError:  # tests/ itself on sys.path
 pytestmark = pytest.mark.integration
 
 
-def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch, wire, stack, broker_users):
-    users = {role: broker_users.unique(f"e2e-{role}") for role in ("care", "portal", "operator")}
+
+def _broker_users(broker_users, stack, prefix: str, roles: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """One broker user per role, with access to this test's vhost: (role -> user name, role -> AMQP URL)."""
+    users = {role: broker_users.unique(f"{prefix}-{role}") for role in roles}
     urls = {}
     for role, user in users.items():
         password = secrets.token_hex(8)
         broker_users.add(user, password)
         urls[role] = stack.grant(user, password)
+    return users, urls
+
+def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch, wire, stack, broker_users):
+    users, urls = _broker_users(broker_users, stack, "e2e", ("care", "portal", "operator"))
     launch(ENFORCE_ROLES="true", ROLES={users["care"]: {"role": "care", "care_giver_ids": [CG]},
                                         users["portal"]: {"role": "citizen-portal"},
                                         users["operator"]: {"role": "operator"}})
@@ -105,12 +111,7 @@ def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch,
 
 
 def test_an_operators_dlq_replay_acts_for_the_original_sender(launch, wire, stack, broker_users):
-    users = {role: broker_users.unique(f"e2e-replay-{role}") for role in ("care", "operator")}
-    urls = {}
-    for role, user in users.items():
-        password = secrets.token_hex(8)
-        broker_users.add(user, password)
-        urls[role] = stack.grant(user, password)
+    users, urls = _broker_users(broker_users, stack, "e2e-replay", ("care", "operator"))
     launch(ENFORCE_ROLES="true", ROLES={users["care"]: {"role": "care", "care_giver_ids": [CG]},
                                         users["operator"]: {"role": "operator"}})
     care = Wire(urls["care"], tap_events=False)

@@ -22,7 +22,6 @@ from consumers import pipeline
 from consumers.loop import Consumer, Delivery
 from consumers.pipeline import Envelope, Policy, parse, process
 from service.settings import Settings
-from storage import migrate
 from storage.engine import make_engine
 from storage.errors import RacedWithPurge, is_transient
 from storage.tables import certificates, inbox, metadata, outbox, tombstones
@@ -31,10 +30,10 @@ from storage.writes import BufferedConnection
 
 try:
     from tests import factories
-    from tests.databases import FreshDatabase
+    from tests.databases import migrated_database
 except ImportError:  # tests/ itself on sys.path
     import factories
-    from databases import FreshDatabase
+    from databases import migrated_database
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +46,7 @@ REPLY_TO = "amq.gen-test-replies"
 # --- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def batching_url(database_url):
-    with FreshDatabase(database_url, "batching") as url:
-        migrate.upgrade(url)
+    with migrated_database(database_url, "batching") as url:
         yield url
 
 

@@ -20,7 +20,6 @@ from sqlalchemy import func, select, text
 
 from consumers.pipeline import Envelope, Policy, parse, process
 from service.settings import Settings
-from storage import migrate
 from storage.engine import make_engine
 from storage.tables import (certificate_documents, certificate_statuses, certificates, consents, metadata, outbox,
                             tombstones)
@@ -28,10 +27,10 @@ from storage.uow import SqlUnitOfWork
 
 try:
     from tests import factories
-    from tests.databases import FreshDatabase
+    from tests.databases import migrated_database
 except ImportError:  # tests/ itself on sys.path
     import factories
-    from databases import FreshDatabase
+    from databases import migrated_database
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +58,7 @@ _valid(PATIENT, OTHER_PATIENT, THIRD_PATIENT)
 # --- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def handlers_url(database_url):
-    with FreshDatabase(database_url, "handlers") as url:
-        migrate.upgrade(url)
+    with migrated_database(database_url, "handlers") as url:
         yield url
 
 

@@ -10,17 +10,19 @@ import time
 import uuid
 
 import pika
-import psycopg
 import pytest
 from sqlalchemy import select, text
-from sqlalchemy.engine import make_url
 
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, recipient_binding, recipient_queue
 from publishers.relay import UNROUTABLE_REPLY, OutboxRelay
-from storage import migrate
 from storage.engine import make_engine
 from storage.outbox import RELAY_LOCK, OutboxMessage, SqlOutbox, pending_count
 from storage.tables import outbox
+
+try:
+    from tests.databases import migrated_database
+except ImportError:  # tests/ itself on sys.path
+    from databases import migrated_database
 
 pytestmark = pytest.mark.integration
 
@@ -28,16 +30,8 @@ pytestmark = pytest.mark.integration
 # --- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def relay_db_url(database_url):
-    server = make_url(database_url)
-    name = f"{server.database}_relay_{uuid.uuid4().hex[:6]}"
-    admin = server.render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = server.set(database=name).render_as_string(hide_password=False)
-    migrate.upgrade(url)
-    yield url
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with migrated_database(database_url, "relay") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

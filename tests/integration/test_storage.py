@@ -30,10 +30,10 @@ from storage.uow import SqlUnitOfWork
 
 try:
     from tests import factories
-    from tests.databases import FreshDatabase as _FreshDatabase
+    from tests.databases import FreshDatabase as _FreshDatabase, migrated_database
 except ImportError:  # tests/ itself on sys.path
     import factories
-    from databases import FreshDatabase as _FreshDatabase
+    from databases import FreshDatabase as _FreshDatabase, migrated_database
 
 pytestmark = pytest.mark.integration
 
@@ -74,8 +74,7 @@ TABLES = ", ".join(t.name for t in metadata.sorted_tables)
 # --- databases --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def storage_url(database_url):
-    with _FreshDatabase(database_url, "storage") as url:
-        migrate.upgrade(url)
+    with migrated_database(database_url, "storage") as url:
         yield url
 
 
