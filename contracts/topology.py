@@ -3,6 +3,9 @@ from __future__ import annotations
 
 COMMANDS_EXCHANGE = "intyg.commands"
 EVENTS_EXCHANGE = "intyg.events"
+# What `intyg.commands` cannot route (an unknown message type) goes to this fanout exchange, declared as the
+# commands exchange's alternate exchange, and from there to the queue of the same name (§1).
+UNROUTED = "intyg.unrouted"
 
 SERVICE_QUEUES: dict[str, tuple[str, ...]] = {
     "intyg.registration": ("certificate.register",),
@@ -13,7 +16,12 @@ SERVICE_QUEUES: dict[str, tuple[str, ...]] = {
                     "certificate.list-for-care", "consent.get", "recipient.list"),
 }
 
-# Headers the service puts on dead letters and retries (CONTRACT.md §8).
+# Every queue the service consumes: the service queues, and the unrouted queue (answered INVALID_MESSAGE).
+CONSUMED_QUEUES: tuple[str, ...] = (*SERVICE_QUEUES, UNROUTED)
+
+# Headers the service puts on dead letters and retries (CONTRACT.md §8). A client's headers with this prefix are
+# never read and never copied (§2).
+SERVICE_HEADER_PREFIX = "x-intyg-"
 H_ERROR_CODE = "x-intyg-error-code"
 H_ERROR = "x-intyg-error"
 H_ATTEMPTS = "x-intyg-attempts"
@@ -23,6 +31,12 @@ H_FIRST_ATTEMPT_AT = "x-intyg-first-attempt-at"
 # A replay by an operator cannot carry the original `user_id` (the broker checks it against the
 # publisher), so the original sender travels in this header and counts only when an operator publishes.
 H_ORIGINAL_USER_ID = "x-intyg-original-user-id"
+# HMAC of the service's own bookkeeping (message id, original user, original routing key, attempts), so that a copy
+# whose bookkeeping the service did not write is recognised even if it comes in through the service's own user.
+H_SIGNATURE = "x-intyg-signature"
+# The only client headers the service copies onto what it republishes (retry copies, dead letters): W3C trace
+# context, so a trace survives a retry. Anything else a client sends (CC, BCC, x-intyg-*, ...) is dropped.
+CLIENT_HEADERS_KEPT = ("traceparent", "tracestate")
 
 
 def dlq(queue: str) -> str:

@@ -103,7 +103,7 @@ def topology(
         else:
             detail = ", ".join(q.bindings)
         table.add_row(q.name, q.kind, detail)
-    console.print("exchanges: " + ", ".join(f"{n} ({t_})" for n, t_ in summary.exchanges))
+    console.print("exchanges: " + ", ".join(f"{e.name} ({e.kind})" for e in summary.exchanges))
     console.print(table)
 
 

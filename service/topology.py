@@ -1,15 +1,21 @@
 """Declares everything the service needs on the broker (CONTRACT §1), idempotently: at start-up, on every
 reconnect, and from `intygstjanst topology`.
 
-- `intyg.commands`, `intyg.events`: durable topic exchanges.
-- the four service queues: durable quorum queues, bound to `intyg.commands` with their message types;
-- `Q.dlq`: durable quorum queue per service queue;
-- `Q.retry.<ms>ms`: durable classic queue per service queue and delay, with a message TTL, dead-lettering to the
-  default exchange with routing key `Q`, so that a retry copy returns to `Q` after the delay;
-- `recipient.R`: durable (classic) queue per configured recipient, bound to `intyg.events` with `recipient.R.#`.
+- `intyg.commands`: durable topic exchange, with `intyg.unrouted` as its alternate exchange, so a message of an
+  unknown type reaches the service (and is answered) instead of being dropped by the broker;
+- `intyg.unrouted`: durable fanout exchange, bound to the queue `intyg.unrouted`;
+- `intyg.events`: durable topic exchange;
+- every queue that holds messages is a durable quorum queue (a cluster keeps it when a node is lost):
+  - the four service queues, bound to `intyg.commands` with their message types, and `intyg.unrouted`; each has a
+    delivery limit after which the broker itself dead-letters to `Q.dlq` (a message that crashes the consumer
+    on every delivery cannot loop: the broker's backstop behind the service's own retry policy);
+  - `Q.dlq` per consumed queue;
+  - `Q.retry.<ms>ms` per service queue and delay, with a message TTL, dead-lettering (at least once) to the
+    default exchange with routing key `Q`, so that a retry copy returns to `Q` after the delay;
+  - `recipient.R` per configured recipient, bound to `intyg.events` with `recipient.R.#`.
 
-A queue that already exists with other arguments (say, a classic `intyg.status` from an older version) makes the
-broker close the channel with PRECONDITION_FAILED; `TopologyConflict` then names the queue.
+A queue or exchange that already exists with other arguments (say, a classic `recipient.FKASSA` from an older
+version) makes the broker close the channel with PRECONDITION_FAILED; `TopologyConflict` then names it.
 """
 from __future__ import annotations
 
@@ -22,16 +28,24 @@ from pika.exceptions import ChannelClosedByBroker
 from consumers.retry import retry_queues
 from contracts.topology import (
     COMMANDS_EXCHANGE,
+    CONSUMED_QUEUES,
     EVENTS_EXCHANGE,
     SERVICE_QUEUES,
+    UNROUTED,
     dlq,
     recipient_binding,
     recipient_queue,
 )
 
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
-# Recipient queues are plain durable (classic) queues; the outbox relay re-declares a missing one with these.
-RECIPIENT_ARGUMENTS: dict[str, Any] | None = None
+# Quorum queues dead-letter at most once unless told otherwise; at-least-once needs reject-publish overflow.
+AT_LEAST_ONCE: dict[str, Any] = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+# Deliveries of one message (redeliveries after a crash or a requeue) before the broker dead-letters it. The
+# service's own retries are new copies, so they do not count against it.
+DELIVERY_LIMIT = 20
+# The relay re-declares a missing recipient queue with these (they must equal the topology's declaration).
+RECIPIENT_ARGUMENTS: dict[str, Any] = dict(QUORUM)
+COMMANDS_ARGUMENTS: dict[str, Any] = {"alternate-exchange": UNROUTED}
 
 
 class TopologyConflict(RuntimeError):
@@ -39,48 +53,71 @@ class TopologyConflict(RuntimeError):
 
 
 @dataclass
+class DeclaredExchange:
+    name: str
+    kind: str  # topic | fanout
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class DeclaredQueue:
     name: str
     kind: str  # quorum | classic
-    role: str  # service | dlq | retry | recipient
+    role: str  # service | unrouted | dlq | retry | recipient
     bindings: list[str] = field(default_factory=list)  # "exchange: routing key"
     arguments: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Summary:
-    exchanges: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
+    exchanges: list[DeclaredExchange] = field(default_factory=list)
     queues: list[DeclaredQueue] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"exchanges": [{"name": n, "type": t} for n, t in self.exchanges],
+        return {"exchanges": [{"name": e.name, "type": e.kind, "arguments": e.arguments} for e in self.exchanges],
                 "queues": [{"name": q.name, "type": q.kind, "role": q.role, "bindings": q.bindings,
                             "arguments": q.arguments} for q in self.queues]}
 
 
+def consumed_queue_arguments(queue: str) -> dict[str, Any]:
+    return {**QUORUM, "x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dlq(queue), **AT_LEAST_ONCE}
+
+
 def planned(settings: Any) -> Summary:
     """What `declare` declares, without a broker."""
-    summary = Summary(exchanges=[(COMMANDS_EXCHANGE, "topic"), (EVENTS_EXCHANGE, "topic")])
-    for queue, types in SERVICE_QUEUES.items():
-        summary.queues.append(DeclaredQueue(queue, "quorum", "service",
-                                            [f"{COMMANDS_EXCHANGE}: {t}" for t in types], dict(QUORUM)))
+    summary = Summary(exchanges=[DeclaredExchange(UNROUTED, "fanout"),
+                                 DeclaredExchange(COMMANDS_EXCHANGE, "topic", dict(COMMANDS_ARGUMENTS)),
+                                 DeclaredExchange(EVENTS_EXCHANGE, "topic")])
+    for queue in CONSUMED_QUEUES:
+        if queue == UNROUTED:
+            summary.queues.append(DeclaredQueue(queue, "quorum", "unrouted", [f"{UNROUTED}: "],
+                                                consumed_queue_arguments(queue)))
+        else:
+            summary.queues.append(DeclaredQueue(queue, "quorum", "service",
+                                                [f"{COMMANDS_EXCHANGE}: {t}" for t in SERVICE_QUEUES[queue]],
+                                                consumed_queue_arguments(queue)))
         summary.queues.append(DeclaredQueue(dlq(queue), "quorum", "dlq", [], dict(QUORUM)))
+    for queue in SERVICE_QUEUES:
         for name, ttl_ms in retry_queues(queue, settings).items():
-            summary.queues.append(DeclaredQueue(name, "classic", "retry", [], {
-                "x-message-ttl": ttl_ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}))
+            summary.queues.append(DeclaredQueue(name, "quorum", "retry", [], {
+                **QUORUM, "x-message-ttl": ttl_ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue,
+                **AT_LEAST_ONCE}))
     for recipient in settings.recipients:
         rid = recipient.id
-        summary.queues.append(DeclaredQueue(recipient_queue(rid), "classic", "recipient",
+        summary.queues.append(DeclaredQueue(recipient_queue(rid), "quorum", "recipient",
                                             [f"{EVENTS_EXCHANGE}: {recipient_binding(rid)}"],
-                                            dict(RECIPIENT_ARGUMENTS or {})))
+                                            dict(RECIPIENT_ARGUMENTS)))
     return summary
 
 
 def declare(channel: Any, settings: Any) -> Summary:
     """Declare (idempotently) every exchange, queue and binding on a pika BlockingChannel; returns a summary."""
     summary = planned(settings)
-    for name, kind in summary.exchanges:
-        _guard(f"exchange {name}", lambda: channel.exchange_declare(name, exchange_type=kind, durable=True))
+    for exchange in summary.exchanges:  # the alternate exchange first: the commands exchange names it
+        _guard(f"exchange {exchange.name}",
+               lambda: channel.exchange_declare(exchange.name, exchange_type=exchange.kind, durable=True,
+                                                arguments=exchange.arguments or None))
     for queue in summary.queues:
         _guard(f"queue {queue.name}",
                lambda: channel.queue_declare(queue.name, durable=True, arguments=queue.arguments or None))

@@ -10,7 +10,7 @@ import pika
 import pytest
 
 from consumers.retry import retry_queue
-from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, SERVICE_QUEUES, dlq, recipient_queue
+from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, SERVICE_QUEUES, UNROUTED, dlq, recipient_queue
 from service import topology
 from service.settings import Settings
 
@@ -62,15 +62,24 @@ def test_queue_types_and_retry_arguments(amqp_url, settings):
     for queue in SERVICE_QUEUES:
         assert queues[queue]["type"] == "quorum" and queues[queue]["durable"]
         assert queues[dlq(queue)]["type"] == "quorum" and queues[dlq(queue)]["durable"]
+        assert _arguments(queues[queue])["x-delivery-limit"] == topology.DELIVERY_LIMIT
+        assert _arguments(queues[queue])["x-dead-letter-routing-key"] == dlq(queue)
         delayed = queues[retry_queue(queue, 5)]
-        assert delayed["type"] == "classic" and delayed["durable"]
-        arguments = {a[0]: a[2] for a in delayed["arguments"]} if isinstance(delayed["arguments"], list) \
-            else delayed["arguments"]
+        assert delayed["type"] == "quorum" and delayed["durable"]
+        arguments = _arguments(delayed)
         assert arguments["x-message-ttl"] == 5000
         assert arguments["x-dead-letter-exchange"] == ""
         assert arguments["x-dead-letter-routing-key"] == queue
+        assert arguments["x-dead-letter-strategy"] == "at-least-once"
     for recipient in settings.recipients:
+        assert queues[recipient_queue(recipient.id)]["type"] == "quorum"
         assert queues[recipient_queue(recipient.id)]["durable"]
+    assert queues[UNROUTED]["type"] == "quorum" and queues[dlq(UNROUTED)]["type"] == "quorum"
+
+
+def _arguments(queue: dict) -> dict:
+    given = queue["arguments"]
+    return {a[0]: a[2] for a in given} if isinstance(given, list) else given
 
 
 def test_an_expired_retry_copy_returns_to_its_queue(amqp_url, settings, channel):
@@ -108,6 +117,17 @@ def test_commands_are_routed_to_their_queue_and_recipient_deliveries_to_the_reci
     assert _passive(channel, recipient).method.message_count == 1
     channel.queue_purge(recipient)
     channel.queue_purge(recipient_queue("TRANSP"))
+
+
+def test_an_unknown_message_type_reaches_the_unrouted_queue(amqp_url, settings, channel):
+    """§1: the alternate exchange of `intyg.commands` catches what no binding routes."""
+    topology.declare(channel, settings)
+    channel.confirm_delivery()
+    channel.queue_purge(UNROUTED)
+    channel.basic_publish(COMMANDS_EXCHANGE, "certificate.hack", b"{}", mandatory=True)
+    assert _passive(channel, UNROUTED).method.message_count == 1
+    method, _properties, _body = channel.basic_get(UNROUTED, auto_ack=True)
+    assert method.routing_key == "certificate.hack"
 
 
 def test_a_conflicting_queue_is_named(amqp_url, channel):
