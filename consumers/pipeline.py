@@ -11,32 +11,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from contracts.replies import Code, Reply
-from contracts.topology import EVENTS_EXCHANGE, H_ORIGINAL_USER_ID
+from contracts.topology import EVENTS_EXCHANGE
 from consumers.context import Caller, Context, Handled
+from consumers.envelope import Envelope
 from consumers.routes import OPERATOR, ROUTES, Route, care_giver_named, role_needed
 from consumers.wire import reply_for_refusal
 from domain.errors import Refused
 from domain.model import Catalogue
 from storage.outbox import OutboxMessage
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """The parts of an AMQP message the service reads."""
-
-    routing_key: str
-    body: bytes
-    message_id: str | None = None
-    reply_to: str | None = None
-    correlation_id: str | None = None
-    type: str | None = None
-    user_id: str | None = None
-    content_type: str | None = None
-    headers: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def reply_correlation_id(self) -> str | None:
-        return self.correlation_id or self.message_id
 
 
 @dataclass(frozen=True)
@@ -87,6 +69,8 @@ class Processed:
 
 
 def parse(envelope: Envelope, policy: Policy) -> Parsed:
+    if envelope.problem:
+        raise Invalid(Code.INVALID_MESSAGE, envelope.problem)
     if not envelope.message_id or len(envelope.message_id) > 128:
         raise Invalid(Code.INVALID_MESSAGE, "message_id is required (1-128 characters)")
     route = ROUTES.get(envelope.routing_key)
@@ -129,11 +113,11 @@ def authorize(parsed: Parsed, policy: Policy) -> Caller:
     if not policy.enforce_roles:
         return Caller()
     envelope = parsed.envelope
-    user = envelope.user_id
-    role = policy.roles.get(user or "")
-    if role and role[0] == OPERATOR and envelope.headers.get(H_ORIGINAL_USER_ID):
-        user = str(envelope.headers[H_ORIGINAL_USER_ID])  # a replayed dead letter acts as its sender
-        role = policy.roles.get(user)
+    role = policy.roles.get(envelope.user_id or "")
+    if role and role[0] == OPERATOR and envelope.origin_user:
+        # An operator's replay of a dead letter acts as its original sender, which only our signed bookkeeping
+        # names (consumers.envelope); never as a user some client's header names.
+        role = policy.roles.get(envelope.origin_user)
     if role is None or role[0] not in role_needed(parsed.message, parsed.route):
         raise Refused("FORBIDDEN", f"user may not send {envelope.routing_key}")
     caller = Caller(role[0], role[1] if role[0] != OPERATOR else None)
@@ -177,6 +161,8 @@ def _query(parsed: Parsed, uow: Any, ctx: Context) -> Processed:
     try:
         reply = parsed.route.handler(parsed.message, uow, ctx).reply
     except Refused as refusal:
+        if refusal.code == Code.INVALID_MESSAGE.value:  # e.g. a tampered page_token: answered and dead-lettered
+            raise Invalid(Code.INVALID_MESSAGE, refusal.message) from None
         reply = reply_for_refusal(refusal, ctx.request_id)
     return Processed(reply, _outcome(reply), direct_reply=True)
 

@@ -6,6 +6,7 @@ import base64
 import binascii
 import datetime as dt
 import json
+import re
 
 from contracts.queries import (GetCertificate, GetCertificateForCare, GetConsent, ListCertificates,
                                ListCertificatesForCare, ListRecipients)
@@ -16,6 +17,8 @@ from domain import lifecycle
 from domain.errors import Refused
 from domain.model import HIDDEN_FROM_CITIZEN, Certificate
 from domain.ports import CitizenFilter, PageKey, UnitOfWork
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # a certificate id (CONTRACT §4)
 
 
 def get_certificate(message: GetCertificate, uow: UnitOfWork, ctx: Context) -> Handled:
@@ -79,10 +82,16 @@ def _page_token(last: Certificate) -> str:
 
 
 def _page_key(token: str | None) -> PageKey | None:
+    """A token is the client's to tamper with: it must hold exactly what `_page_token` put there, or it never
+    reaches the database (a NUL or a number where an id belongs would be a database error, not an answer)."""
     if token is None:
         return None
     try:
         raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return PageKey(dt.datetime.fromisoformat(raw["s"]), str(raw["i"]))
+        signed_at = dt.datetime.fromisoformat(raw["s"])
+        certificate_id = raw["i"]
+        if signed_at.tzinfo is None or not isinstance(certificate_id, str) or not _ID.fullmatch(certificate_id):
+            raise ValueError("not a page key")
+        return PageKey(signed_at, certificate_id)
     except (binascii.Error, ValueError, KeyError, TypeError):
         raise Refused("INVALID_MESSAGE", "page_token is not a token this service gave out") from None

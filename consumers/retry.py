@@ -5,23 +5,31 @@ How a retry travels: the loop acknowledges the message only after publishing a c
 dead-letters expired messages to the default exchange with routing key `Q`, so the copy comes back to `Q` after
 the delay, with routing key `Q` (hence `x-intyg-original-routing-key`).
 
-Transient faults (and bugs) are retried once per entry of `retry_delays_s`, in that order: with the default
+Transient faults are retried once per entry of `retry_delays_s`, in that order: with the default
 `[1, 2, 5, 10, 30]` a message is tried 6 times over about 48 s, then answered UNAVAILABLE and dead-lettered.
+Anything else that fails (a bug, a value the database refuses) fails the same way next time: it is answered and
+dead-lettered at once (`consumers.outcome`).
 A revoke that overtook its register is retried (delays from the same list, the last one repeated) for as long as
 `revoke_wait_s` has not passed since its first attempt, then answered NOT_FOUND and dead-lettered.
 
-Only a message that came back from our own retry queue counts earlier attempts; a fresh message or an operator's
-replay of a dead letter starts again from attempt 1 (a replay after the database came back must not be
-dead-lettered at once because its copy says "6 attempts").
+Only a message that came back from our own retry queue counts earlier attempts, and only if the service signed
+its bookkeeping (`Signer`); a fresh message or an operator's replay of a dead letter starts again from attempt 1
+(a replay after the database came back must not be dead-lettered at once because its copy says "6 attempts").
+What the service republishes carries none of the client's headers but the allow-listed trace context: no `CC`
+or `BCC` (which would make the broker copy our publish into a queue the client chose) and no client
+`x-intyg-*` header.
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from contracts.topology import (
+    SERVICE_HEADER_PREFIX,
     H_ATTEMPTS,
     H_DEAD_LETTERED_AT,
     H_ERROR,
@@ -29,7 +37,11 @@ from contracts.topology import (
     H_FIRST_ATTEMPT_AT,
     H_ORIGINAL_ROUTING_KEY,
     H_ORIGINAL_USER_ID,
+    H_SIGNATURE,
 )
+
+# What the signature covers, besides the message id (see `Signer`).
+SIGNED_HEADERS = (H_ORIGINAL_ROUTING_KEY, H_ORIGINAL_USER_ID, H_ATTEMPTS, H_FIRST_ATTEMPT_AT)
 
 MAX_ERROR_LENGTH = 500
 
@@ -61,11 +73,14 @@ def came_back(exchange: str, routing_key: str, queue: str) -> bool:
 
 @dataclass(frozen=True)
 class History:
-    """What earlier attempts of this message left in its headers."""
+    """What earlier attempts of this message left in its (signed) bookkeeping."""
 
     attempts: int  # attempts before this delivery
     first_attempt_at: dt.datetime
-    original_routing_key: str | None  # None: the delivery's own routing key is the original
+
+    @classmethod
+    def fresh(cls, now: dt.datetime) -> History:
+        return cls(0, now)
 
     @property
     def attempt(self) -> int:
@@ -73,24 +88,62 @@ class History:
         return self.attempts + 1
 
 
-def history(headers: Mapping[str, Any] | None, now: dt.datetime, *, returned: bool) -> History:
-    """`returned`: the delivery came back from our retry queue (see `came_back`); otherwise it starts afresh."""
-    headers = headers or {}
-    if not returned:
-        return History(0, now, None)
-    return History(attempts=_int(headers.get(H_ATTEMPTS)),
-                   first_attempt_at=_time(headers.get(H_FIRST_ATTEMPT_AT)) or now,
-                   original_routing_key=_str(headers.get(H_ORIGINAL_ROUTING_KEY)))
+@dataclass(frozen=True)
+class Bookkeeping:
+    """The service's own headers on a retry copy or a dead letter, as it wrote and signed them."""
+
+    routing_key: str
+    user_id: str | None
+    attempts: int
+    first_attempt_at: dt.datetime
+
+    def history(self, now: dt.datetime) -> History:
+        return History(self.attempts, self.first_attempt_at if self.first_attempt_at <= now else now)
 
 
-def original_user(headers: Mapping[str, Any] | None) -> str | None:
-    """The sender of a returned retry copy (it travels in `x-intyg-original-user-id`)."""
-    return _str((headers or {}).get(H_ORIGINAL_USER_ID))
+class Signer:
+    """HMAC-SHA256 over the bookkeeping the service trusts when a copy comes back (message id, original routing
+    key, original sender, attempts, first attempt), so a copy whose `x-intyg-*` headers the service did not write
+    is recognised even when it arrives through the service's own broker user or an operator's replay. Every
+    instance of one deployment must share the key."""
+
+    def __init__(self, key: bytes) -> None:
+        if not key:
+            raise ValueError("a signing key is required")
+        self._key = key
+
+    def sign(self, message_id: str | None, headers: Mapping[str, Any]) -> str:
+        return hmac.new(self._key, _signed_text(message_id, headers), hashlib.sha256).hexdigest()
+
+    def verified(self, headers: Mapping[str, Any], message_id: str | None) -> Bookkeeping | None:
+        """The bookkeeping in `headers`, if this service signed exactly it for this message; else None."""
+        signature = headers.get(H_SIGNATURE)
+        if isinstance(signature, bytes):
+            signature = signature.decode("ascii", errors="replace")
+        if not isinstance(signature, str) or not message_id:
+            return None
+        if not hmac.compare_digest(signature, self.sign(message_id, headers)):
+            return None
+        routing_key = _str(headers.get(H_ORIGINAL_ROUTING_KEY))
+        first = _time(headers.get(H_FIRST_ATTEMPT_AT))
+        if routing_key is None or first is None:
+            return None
+        return Bookkeeping(routing_key, _str(headers.get(H_ORIGINAL_USER_ID)), _int(headers.get(H_ATTEMPTS)), first)
 
 
-def routing_key(delivered: str, past: History) -> str:
-    """The routing key to handle the message under: the original one for a returned retry copy."""
-    return past.original_routing_key or delivered
+def _signed_text(message_id: str | None, headers: Mapping[str, Any]) -> bytes:
+    parts = [message_id or ""] + [_canonical(headers.get(name)) for name in SIGNED_HEADERS]
+    return "\x1f".join(parts).encode("utf-8", errors="replace")
+
+
+def _canonical(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return "" if value is None else str(value)
+
+
+def has_bookkeeping(headers: Mapping[str, Any]) -> bool:
+    return any(isinstance(k, str) and k.startswith(SERVICE_HEADER_PREFIX) for k in headers)
 
 
 @dataclass(frozen=True)
@@ -143,34 +196,37 @@ def after_not_yet(past: History, settings: RetrySettings, now: dt.datetime) -> D
     return Decision(True, next_delay(attempt, settings), attempt, None)
 
 
-def retry_headers(headers: Mapping[str, Any] | None, past: History, routing_key: str, *,
-                  user_id: str | None, code: str, error: str) -> dict[str, Any]:
-    """The headers of a retry copy: the message's own plus the attempt count, the original routing key, when it
-    was first tried, and why it is being retried. `user_id` is the original sender (the copy cannot carry it as
-    a property: the broker only lets us publish our own user id); the loop restores it when the copy returns."""
-    out = dict(headers or {})
+def retry_headers(kept: Mapping[str, str], message_id: str | None, past: History, routing_key: str, *,
+                  user_id: str | None, code: str, error: str, signer: Signer) -> dict[str, Any]:
+    """The headers of a retry copy: the client headers on the allow-list (`kept`), and the service's signed
+    bookkeeping: attempts so far, the original routing key and sender (the copy cannot carry the sender as
+    `user_id`: the broker only lets us publish our own), when it was first tried; and why it is retried."""
+    out: dict[str, Any] = dict(kept)
+    out[H_ERROR_CODE] = code
+    out[H_ERROR] = error[:MAX_ERROR_LENGTH]
+    return _signed(out, message_id, past, routing_key, user_id, signer)
+
+
+def dead_letter_headers(kept: Mapping[str, str], message_id: str | None, past: History, routing_key: str, *,
+                        user_id: str | None, code: str, error: str, now: dt.datetime, signer: Signer) -> dict[str, Any]:
+    """The headers of a dead letter (§8): error code and text, attempts, original routing key and sender (signed,
+    so that an operator's replay acts as that sender), when."""
+    out: dict[str, Any] = dict(kept)
+    out[H_ERROR_CODE] = code
+    out[H_ERROR] = error[:MAX_ERROR_LENGTH]
+    out[H_DEAD_LETTERED_AT] = rfc3339(now)
+    return _signed(out, message_id, past, routing_key, user_id, signer)
+
+
+def _signed(out: dict[str, Any], message_id: str | None, past: History, routing_key: str, user_id: str | None,
+            signer: Signer) -> dict[str, Any]:
     out[H_ATTEMPTS] = past.attempt
     out[H_ORIGINAL_ROUTING_KEY] = routing_key
     out[H_FIRST_ATTEMPT_AT] = rfc3339(past.first_attempt_at)
-    out[H_ERROR_CODE] = code
-    out[H_ERROR] = error[:MAX_ERROR_LENGTH]
-    if user_id and not out.get(H_ORIGINAL_USER_ID):
+    if user_id:
         out[H_ORIGINAL_USER_ID] = user_id
-    return out
-
-
-def dead_letter_headers(headers: Mapping[str, Any] | None, past: History, routing_key: str, *,
-                        user_id: str | None, code: str, error: str, now: dt.datetime) -> dict[str, Any]:
-    """The headers of a dead letter (§8): error code and text, attempts, original routing key, when."""
-    out = dict(headers or {})
-    out[H_ERROR_CODE] = code
-    out[H_ERROR] = error[:MAX_ERROR_LENGTH]
-    out[H_ATTEMPTS] = past.attempt
-    out[H_ORIGINAL_ROUTING_KEY] = routing_key
-    out.setdefault(H_FIRST_ATTEMPT_AT, rfc3339(past.first_attempt_at))
-    out[H_DEAD_LETTERED_AT] = rfc3339(now)
-    if user_id and not out.get(H_ORIGINAL_USER_ID):
-        out[H_ORIGINAL_USER_ID] = user_id
+    if message_id:
+        out[H_SIGNATURE] = signer.sign(message_id, out)
     return out
 
 

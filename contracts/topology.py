@@ -39,6 +39,11 @@ H_SIGNATURE = "x-intyg-signature"
 CLIENT_HEADERS_KEPT = ("traceparent", "tracestate")
 
 
+# Every queue the service declares starts with one of these; a reply_to naming one would make the service publish
+# its reply into its own or a recipient's queue.
+OWN_QUEUE_PREFIXES = ("intyg.", "recipient.")
+
+
 def dlq(queue: str) -> str:
     return f"{queue}.dlq"
 

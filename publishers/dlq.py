@@ -21,15 +21,17 @@ import pika
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 
 from contracts.topology import (
-    COMMANDS_EXCHANGE, H_ATTEMPTS, H_DEAD_LETTERED_AT, H_ERROR, H_ERROR_CODE, H_FIRST_ATTEMPT_AT,
-    H_ORIGINAL_ROUTING_KEY, H_ORIGINAL_USER_ID, SERVICE_QUEUES, dlq,
+    COMMANDS_EXCHANGE, CONSUMED_QUEUES, H_ATTEMPTS, H_DEAD_LETTERED_AT, H_ERROR, H_ERROR_CODE,
+    H_ORIGINAL_ROUTING_KEY, dlq,
 )
 
-# The retry and dead-letter bookkeeping a replay removes, so that the replayed message starts with fresh retries.
-# `x-delivery-count` is the broker's: a quorum DLQ adds it to a message that was browsed (requeued); it counts
-# deliveries from the DLQ, not anything the sender sent.
-BOOKKEEPING_HEADERS = frozenset({H_ATTEMPTS, H_ERROR_CODE, H_ERROR, H_DEAD_LETTERED_AT, H_FIRST_ATTEMPT_AT,
-                                 "x-delivery-count"})
+# What a replay removes: why it was dead-lettered (the replay is a new attempt), and the broker's own headers
+# (`x-delivery-count`: a quorum DLQ adds it to a message that was browsed; `x-death` and friends: the broker's
+# dead-lettering history). The service's signed bookkeeping (original routing key and sender, attempts) stays
+# as it is, or its signature would no longer match: that is what lets the replay act as the original sender.
+# The service starts a replay's retries afresh whatever its attempts say.
+REPLAY_DROPS = frozenset({H_ERROR_CODE, H_ERROR, H_DEAD_LETTERED_AT, "x-delivery-count", "x-death",
+                          "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason"})
 PREVIEW_CHARS = 200
 # A personnummer or samordningsnummer anywhere in a preview (YYYYMMDD[-+]NNNN, or the 10-digit form).
 _PERSONNUMMER = re.compile(r"(?<!\d)(?:\d{2})?\d{6}[-+]?\d{4}(?!\d)")
@@ -84,16 +86,16 @@ class PurgeResult:
 
 # --- queue names ------------------------------------------------------------------------------------------------
 def dlq_names() -> list[str]:
-    return [dlq(queue) for queue in SERVICE_QUEUES]
+    return [dlq(queue) for queue in CONSUMED_QUEUES]
 
 
 def resolve_queue(name: str) -> str:
     """`intyg.status` or `intyg.status.dlq` -> `intyg.status.dlq`; anything else is a ValueError."""
-    if name in SERVICE_QUEUES:
+    if name in CONSUMED_QUEUES:
         return dlq(name)
     if name in dlq_names():
         return name
-    known = ", ".join(SERVICE_QUEUES)
+    known = ", ".join(CONSUMED_QUEUES)
     raise ValueError(f"unknown queue {name!r}: expected one of {known} (with or without .dlq)")
 
 
@@ -174,14 +176,12 @@ def peek(channel: Any, queue: str, limit: int = 20) -> list[DeadLetter]:
 
 # --- changing -----------------------------------------------------------------------------------------------------
 def replay_properties(properties: Any, publisher: str | None) -> pika.BasicProperties:
-    """The dead letter's properties as they are republished: unchanged but for the bookkeeping headers, and a
-    `user_id` that is not the publisher's (the broker would refuse it) moved to `x-intyg-original-user-id`."""
-    headers = {k: v for k, v in (properties.headers or {}).items() if k not in BOOKKEEPING_HEADERS}
-    user_id = properties.user_id
-    if user_id and user_id != publisher:
-        headers.setdefault(H_ORIGINAL_USER_ID, user_id)
-    # The replay names its publisher (the broker checks it), so the service can tell an operator's replay and
-    # let it act for the original sender in `x-intyg-original-user-id`.
+    """The dead letter's properties as they are republished: unchanged but for `REPLAY_DROPS`, and `user_id`,
+    which names the publisher (the broker refuses any other): the service tells an operator's replay by it and
+    lets it act as the original sender that the service's signed bookkeeping names; never as anyone a header
+    names that the service did not sign. A dead letter without that bookkeeping (the broker dead-lettered it
+    after its delivery limit) acts as the operator who replays it."""
+    headers = {k: v for k, v in (properties.headers or {}).items() if k not in REPLAY_DROPS}
     user_id = publisher or None
     return pika.BasicProperties(
         content_type=properties.content_type, content_encoding=properties.content_encoding,
@@ -195,15 +195,11 @@ def replay(channel: Any, queue: str, message_ids: Collection[str] | None = None,
            progress_cb: Progress | None = None, publisher: str | None = None) -> ReplayResult:
     """Republish dead letters of `queue` to `intyg.commands` with their original routing key.
 
-    `message_ids` None means every message. A replayed message is the dead letter unchanged (body, properties,
-    `message_id`, headers) except that the retry/dead-letter bookkeeping (`x-intyg-attempts`, `x-intyg-error-code`,
-    `x-intyg-error`, `x-intyg-dead-lettered-at`, `x-intyg-first-attempt-at`, and the broker's `x-delivery-count`
-    that a quorum DLQ adds to browsed messages) is removed: a replay is a fresh
-    delivery and gets the full retry schedule again, and the bookkeeping would only describe the previous life.
-    `x-intyg-original-routing-key` stays. CONTRACT §8's "unchanged" is read as: what the sender sent is unchanged;
-    what the service added about its own failed attempts is not part of it. A `user_id` other than the publishing
-    user's (`publisher`, default the connection's user) is moved into `x-intyg-original-user-id`, which the
-    service honours only when an operator publishes.
+    `message_ids` None means every message. A replayed message is the dead letter as it is (body, properties,
+    `message_id`, the service's signed bookkeeping), less what `replay_properties` drops: why it was
+    dead-lettered and the broker's own headers. CONTRACT §8's "unchanged" is read as: what the sender sent is
+    unchanged. The service gives a replay fresh retries and lets it act as its original sender only through the
+    bookkeeping it signed itself.
 
     The channel is put in confirm mode; each dead letter is removed (acked) only after its republish is confirmed
     (publishes are `mandatory`: if nothing is bound for the routing key the dead letter is kept). Messages not

@@ -50,26 +50,19 @@ class DirectPublisher:
         self.channel.basic_publish("", queue, body, properties, mandatory=True)
 
 
-def copy_properties(original: pika.BasicProperties, headers: Mapping[str, Any], *,
-                    user_id: str | None = None) -> pika.BasicProperties:
-    """The message's own properties with new headers, made persistent.
-
-    Changed on purpose: `user_id` (the broker refuses a publish whose user_id is not the publisher's own, so the
-    original sender travels in the `x-intyg-original-user-id` header; pass `user_id` = our own broker user to
-    mark a retry copy as ours) and `expiration` (a dead letter must not expire from its DLQ)."""
+def copy_properties(envelope: Any, headers: Mapping[str, Any], *, user_id: str | None = None) -> pika.BasicProperties:
+    """The properties of a retry copy or a dead letter: the message's own, as the service checked them
+    (`consumers.envelope.Envelope`: a property that was not usable text is left out), with the service's headers,
+    made persistent. Nothing else of the client's is copied (no expiration: a dead letter must not expire; no
+    app_id, cluster_id, priority). `user_id`: our own broker user marks a retry copy as ours (the broker refuses
+    any other user's id, so the original sender travels in the signed bookkeeping headers)."""
     return pika.BasicProperties(
-        content_type=original.content_type,
-        content_encoding=original.content_encoding,
+        content_type=envelope.content_type,
         headers=dict(headers),
         delivery_mode=PERSISTENT,
-        priority=original.priority,
-        correlation_id=original.correlation_id,
-        reply_to=original.reply_to,
-        expiration=None,
-        message_id=original.message_id,
-        timestamp=original.timestamp,
-        type=original.type,
+        correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to,
+        message_id=envelope.message_id,
+        type=envelope.type,
         user_id=user_id,
-        app_id=original.app_id,
-        cluster_id=original.cluster_id,
     )

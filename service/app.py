@@ -24,7 +24,7 @@ from typing import Any
 from pika.exceptions import AMQPConnectionError
 
 from consumers.loop import Backoff, Consumer, consumer_count, make_consumers
-from contracts.topology import SERVICE_QUEUES
+from contracts.topology import CONSUMED_QUEUES
 from service import topology
 from service.logging import get_logger
 from storage import migrate
@@ -44,7 +44,7 @@ class Service:
         self.settings = settings
         self.with_consumers = consumers
         self.with_relay = relay
-        self.queues = list(queues or SERVICE_QUEUES)
+        self.queues = list(queues or CONSUMED_QUEUES)
         self.migrate_db = migrate_db
         self.log = get_logger("intygstjanst.service")
         self.engine: Any = None

@@ -7,36 +7,16 @@ Library logs (pika, SQLAlchemy) go through the same renderer.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
-import secrets
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
 
-# YYYYMMDDNNNN / YYMMDD-NNNN and friends, not glued to other digits.
-_PERSONNUMMER = re.compile(r"(?<![0-9])(?:(?:19|20)?[0-9]{6}[-+]?[0-9]{4})(?![0-9])")
-_MASK = "<personnummer>"
+from domain.privacy import patient_hash, scrub, set_salt
 
-_salt: bytes = secrets.token_bytes(16)  # replaced by configure(salt=...) for hashes comparable across processes
-
-
-def patient_hash(patient_id: str | None) -> str | None:
-    """A short, salted, one-way tag for a patient, for correlating log lines; None for None."""
-    if not patient_id:
-        return None
-    digits = patient_id.replace("-", "").replace("+", "")
-    return hashlib.sha256(_salt + digits.encode()).hexdigest()[:16]
-
-
-def scrub(text: str) -> str:
-    if len(text) < 10:  # too short to hold a personnummer (10 digits at least): skip the regex
-        return text
-    return _PERSONNUMMER.sub(_MASK, text)
-
+__all__ = ["configure", "get_logger", "patient_hash", "scrub", "scrub_personnummer"]
 
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, str):
@@ -99,9 +79,9 @@ _handler: logging.StreamHandler | None = None
 
 def configure(level: str = "INFO", *, salt: str | None = None, stream: Any = None) -> None:
     """Configure structlog and the standard library's logging (idempotent; call once at start-up)."""
-    global _salt, _handler
+    global _handler
     if salt:
-        _salt = salt.encode()
+        set_salt(salt)
     numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else int(level)
     if not isinstance(numeric, int):
         numeric = logging.INFO

@@ -2,11 +2,12 @@
 `DATABASE_URL` as every PostgreSQL tool writes it; everything else has a default that works on a laptop."""
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cached_property
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.model import Catalogue, Recipient
@@ -70,9 +71,9 @@ class Settings(BaseSettings):
     # intyg.registration and intyg.query; the others always have one, so that commands keep their order.
     parallel_consumers: int = Field(default=1, ge=1, le=16)
     reconnect_max_s: float = 30.0  # cap of the jittered exponential back-off when the broker is away
-    # Fault injection for the crash test: SIGKILL right after the commit that included this message_id.
-    crash_after_commit: str | None = Field(
-        default=None, validation_alias=AliasChoices("INTYG_CRASH_AFTER_COMMIT", "crash_after_commit"))
+    # Key of the HMAC on the service's own retry and dead-letter bookkeeping (consumers.retry.Signer); every
+    # instance must share it. Empty: derived from the service's broker credentials, which every instance shares.
+    header_signing_key: str = ""
 
     @cached_property
     def catalogue(self) -> Catalogue:
@@ -82,13 +83,24 @@ class Settings(BaseSettings):
                         for r in self.recipients},
         )
 
+    @cached_property
+    def signing_key(self) -> bytes:
+        if self.header_signing_key:
+            return self.header_signing_key.encode()
+        from urllib.parse import urlsplit
+
+        broker = urlsplit(self.amqp_url.split(",")[0])
+        secret = f"{broker.username}:{broker.password}@{broker.path}"  # not the host: nodes differ
+        return hashlib.sha256(b"intygstjanst bookkeeping\0" + secret.encode()).digest()
+
     def redacted(self) -> dict[str, object]:
         """What `intygstjanst config` prints: no passwords."""
         shown = json.loads(self.model_dump_json())
         for key in ("amqp_url", "database_url"):
             shown[key] = _without_password(shown[key])
-        if shown.get("log_salt"):
-            shown["log_salt"] = "***"
+        for secret in ("log_salt", "header_signing_key"):
+            if shown.get(secret):
+                shown[secret] = "***"
         return shown
 
 

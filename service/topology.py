@@ -86,9 +86,7 @@ def consumed_queue_arguments(queue: str) -> dict[str, Any]:
 
 def planned(settings: Any) -> Summary:
     """What `declare` declares, without a broker."""
-    summary = Summary(exchanges=[DeclaredExchange(UNROUTED, "fanout"),
-                                 DeclaredExchange(COMMANDS_EXCHANGE, "topic", dict(COMMANDS_ARGUMENTS)),
-                                 DeclaredExchange(EVENTS_EXCHANGE, "topic")])
+    summary = Summary(exchanges=list(EXCHANGES))
     for queue in CONSUMED_QUEUES:
         if queue == UNROUTED:
             summary.queues.append(DeclaredQueue(queue, "quorum", "unrouted", [f"{UNROUTED}: "],
@@ -111,13 +109,23 @@ def planned(settings: Any) -> Summary:
     return summary
 
 
-def declare(channel: Any, settings: Any) -> Summary:
-    """Declare (idempotently) every exchange, queue and binding on a pika BlockingChannel; returns a summary."""
-    summary = planned(settings)
-    for exchange in summary.exchanges:  # the alternate exchange first: the commands exchange names it
+EXCHANGES = (DeclaredExchange(UNROUTED, "fanout"),  # first: the commands exchange names it
+             DeclaredExchange(COMMANDS_EXCHANGE, "topic", dict(COMMANDS_ARGUMENTS)),
+             DeclaredExchange(EVENTS_EXCHANGE, "topic"))
+
+
+def declare_exchanges(channel: Any) -> None:
+    """The three exchanges, as the service declares them (what a client that declares them must match)."""
+    for exchange in EXCHANGES:
         _guard(f"exchange {exchange.name}",
                lambda: channel.exchange_declare(exchange.name, exchange_type=exchange.kind, durable=True,
                                                 arguments=exchange.arguments or None))
+
+
+def declare(channel: Any, settings: Any) -> Summary:
+    """Declare (idempotently) every exchange, queue and binding on a pika BlockingChannel; returns a summary."""
+    summary = planned(settings)
+    declare_exchanges(channel)
     for queue in summary.queues:
         _guard(f"queue {queue.name}",
                lambda: channel.queue_declare(queue.name, durable=True, arguments=queue.arguments or None))

@@ -20,6 +20,10 @@ Transient:
   `SqlCertificates._not_purged_since`); the retry finds the tombstone and answers PURGED.
 Not transient: any other integrity error (it is a bug: retrying cannot change the data), 54xxx program limits
 (an index row too large stays too large), syntax and data errors.
+
+Refused values (`is_refused_value`): class 22 data exceptions (a character PostgreSQL cannot store, a number
+or date out of range, a string too long) and class 54 program limits come from what the message carried: the
+message is INVALID_MESSAGE and is not retried.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from sqlalchemy import exc as sa_exc
 
 TRANSIENT_STATES = frozenset({"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03"})
 TRANSIENT_CLASSES = ("08", "53")
+REFUSED_VALUE_CLASSES = ("22", "54")
 UNIQUE_VIOLATION = "23505"
 # Primary keys whose violation means "another transaction inserted the same thing first".
 RACED_KEYS = frozenset({"certificates_pkey", "certificate_documents_pkey", "certificate_statuses_pkey",
@@ -76,3 +81,18 @@ def _verdict(exc: BaseException) -> bool | None:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     return None
+
+
+def is_refused_value(exc: BaseException) -> bool:
+    """True if the database refused a value the message carried (it will refuse it every time)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa_exc.DBAPIError) and current.orig is not None:
+            current = current.orig
+            continue
+        if isinstance(current, psycopg.Error):
+            return bool(current.sqlstate) and current.sqlstate.startswith(REFUSED_VALUE_CLASSES)
+        current = current.__cause__ or current.__context__
+    return False

@@ -22,6 +22,7 @@ import psycopg
 
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from service.testdata import random_personnummer
+from service.topology import declare_exchanges
 
 REPO = Path(__file__).resolve().parents[2]
 READY_LINE = "service started"
@@ -31,7 +32,7 @@ _UNSET: Any = object()
 SERVICE_ENV_KEYS = {"AMQP_URL", "DATABASE_URL", "CERTIFICATE_TYPES", "RECIPIENTS", "MAX_BODY_BYTES", "PREFETCH",
                     "BATCH_SIZE", "BATCH_WAIT_MS", "RETRY_DELAYS_S", "REVOKE_WAIT_S", "BULK_BATCH_SIZE",
                     "RELAY_BATCH_SIZE", "RELAY_POLL_S", "ENFORCE_ROLES", "ROLES", "LOG_LEVEL", "LOG_SALT",
-                    "PARALLEL_CONSUMERS", "RECONNECT_MAX_S", "INTYG_CRASH_AFTER_COMMIT", "CRASH_AFTER_COMMIT"}
+                    "PARALLEL_CONSUMERS", "RECONNECT_MAX_S", "HEADER_SIGNING_KEY", "TEST_CRASH_AFTER_COMMIT"}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -65,7 +66,10 @@ class ServiceProcess:
 
     def start(self, *, ready: bool = True, timeout: float = 60.0) -> ServiceProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen(cli("serve"), cwd=REPO, env=self.env, stdout=self._log,
+        command = cli("serve")
+        if "TEST_CRASH_AFTER_COMMIT" in self.env:  # the same service with a fault injected (crashing_serve.py)
+            command = [sys.executable, str(REPO / "tests" / "e2e" / "crashing_serve.py"), "serve"]
+        self.proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if ready:
             self.wait_ready(timeout)
@@ -177,8 +181,7 @@ class Wire:
         self.replies: dict[str | None, list[Msg]] = defaultdict(list)
         self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
         self.events: list[Msg] = []
-        for exchange in (COMMANDS_EXCHANGE, EVENTS_EXCHANGE):  # as the service declares them (idempotent)
-            self.channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        declare_exchanges(self.channel)  # as the service declares them (idempotent)
         if tap_events:
             self.event_queue = self.channel.queue_declare("", exclusive=True).method.queue
             self.channel.queue_bind(self.event_queue, EVENTS_EXCHANGE, "#")

@@ -40,7 +40,7 @@ def _distinct_events(wire, routing_key: str, certificate_id: str) -> set[str]:
 def test_a_crash_between_commit_and_ack_stores_once_and_still_replies_and_publishes(launch, wire, stack):
     message_id = f"crash-{uuid.uuid4()}"
     cid, p = new_id(), new_patient()
-    crashing = launch(INTYG_CRASH_AFTER_COMMIT=message_id)
+    crashing = launch(TEST_CRASH_AFTER_COMMIT=message_id)
     wire.send("certificate.register", {"certificate": certificate(cid, p)}, message_id=message_id)
     assert crashing.wait(30) == -signal.SIGKILL
     assert "crash injected after commit" in crashing.log_text()

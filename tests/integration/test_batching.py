@@ -69,7 +69,9 @@ class Recorder:
     def __init__(self) -> None:
         self.acked: list[tuple[int, bool]] = []
         self.nacked: list[int] = []
+        self.rejected: list[tuple[int, bool]] = []
         self.replies: list[tuple[str, Any]] = []
+        self.reply_tos: list[str] = []
         self.copies: list[tuple[str, bytes, Any]] = []
 
     # channel
@@ -79,9 +81,13 @@ class Recorder:
     def basic_nack(self, delivery_tag: int, multiple: bool = False, requeue: bool = True) -> None:
         self.nacked.append(delivery_tag)
 
+    def basic_reject(self, delivery_tag: int, requeue: bool = True) -> None:
+        self.rejected.append((delivery_tag, requeue))
+
     # publisher
     def reply(self, reply_to: str, reply: Any, *, correlation_id: str | None) -> None:
         self.replies.append((correlation_id or "", reply))
+        self.reply_tos.append(reply_to)
 
     def copy(self, queue: str, body: bytes, properties: Any) -> None:
         self.copies.append((queue, body, properties))
@@ -239,6 +245,51 @@ def test_an_invalid_message_in_the_middle_is_dead_lettered_and_the_rest_of_the_b
     assert recorder.acked == [(after[-1].tag, True)]
 
 
+def hostile(message_id: Any = None, **properties: Any) -> Delivery:
+    props = pika.BasicProperties(message_id=message_id or f"msg-{uuid.uuid4()}", content_type="application/json",
+                                 **properties)
+    return Delivery(next(_tags), "intyg.commands", "certificate.register", props, json.dumps(register_body()).encode())
+
+
+def test_hostile_properties_harm_only_their_own_message(engine, batching_url):
+    """Defects 3 and 4 of issue 6: a message_id that is not UTF-8 (pika hands it over as bytes) or holds NUL
+    used to wedge the consumer or fault the whole batch; a reply_to naming a recipient's queue would have made the
+    service publish into it."""
+    worker, recorder = consumer(engine, batching_url)
+    good = [delivery(register_body()) for _ in range(2)]
+    bad = [hostile(b"\xff\xfe", reply_to=REPLY_TO), hostile("nul\x00id", reply_to=REPLY_TO),
+           hostile(reply_to="recipient.FKASSA"), hostile(correlation_id=b"\xc3\x28", reply_to=REPLY_TO)]
+    worker._handle([good[0], *bad, good[1]])
+
+    replies = replies_by_request(engine)
+    assert all(replies[d.properties.message_id][0]["result"] == "OK" for d in good)
+    assert count(engine, certificates) == 2
+    assert recorder.retried() == [] and len(recorder.dead_lettered()) == 4
+    assert set(recorder.reply_tos) == {REPLY_TO}  # nothing to recipient.FKASSA
+    direct = [reply for _, reply in recorder.replies]
+    assert [r.code.value for r in direct] == ["INVALID_MESSAGE"] * 3
+    assert {r.request_id for r in direct} == {"", bad[3].properties.message_id}
+    assert recorder.acked == [(good[1].tag, True)] and not recorder.rejected
+
+
+def test_a_settlement_that_cannot_be_published_rejects_only_its_message(engine, batching_url):
+    worker, recorder = consumer(engine, batching_url)
+    good = [delivery(register_body()) for _ in range(2)]
+    broken = delivery(b"not json")
+    real_copy = recorder.copy
+
+    def copy(queue, body, properties):
+        if properties.message_id == broken.properties.message_id:
+            raise ValueError("cannot encode")
+        real_copy(queue, body, properties)
+
+    recorder.copy = copy
+    worker._handle([good[0], broken, good[1]])
+    assert recorder.rejected == [(broken.tag, False)]  # the broker dead-letters it to the queue's DLQ
+    assert sorted(recorder.acked) == sorted([(good[0].tag, False), (good[1].tag, False)])
+    assert count(engine, certificates) == 2
+
+
 @pytest.mark.parametrize("send_after_rows", [256, 4], ids=["flushed-at-commit", "sent-while-later-ones-run"])
 def test_a_message_whose_insert_fails_at_the_flush_fails_alone(engine, batching_url, monkeypatch, send_after_rows):
     """The error only shows when the batch's inserts are flushed (at commit, or while a later message runs): the
@@ -266,7 +317,8 @@ def test_a_message_whose_insert_fails_at_the_flush_fails_alone(engine, batching_
     replies = replies_by_request(engine)
     assert all(replies[d.properties.message_id][0]["result"] == "OK" for d in good)
     assert broken.properties.message_id not in replies
-    assert recorder.retried() == [broken.properties.message_id]  # a bug: bounded retries, then the DLQ
+    # a value the database refuses would be refused again: dead-lettered at once, never retried
+    assert recorder.retried() == [] and recorder.dead_lettered() == [broken.properties.message_id]
     assert count(engine, certificates) == 4 and count(engine, inbox) == 4
 
 

@@ -129,7 +129,9 @@ def test_a_query_gets_a_direct_reply(service, requester):
 
 
 def test_garbage_is_answered_and_dead_lettered(service, requester):
-    message_id = requester.send("certificate.register", b"this is not json", headers={"x-trace": "t-1"})
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    message_id = requester.send("certificate.register", b"this is not json",
+                                headers={"traceparent": traceparent, "x-trace": "t-1", "CC": ["intyg.query"]})
     _, reply = requester.reply(message_id)
     assert reply["result"] == "ERROR" and reply["code"] == "INVALID_MESSAGE"
     assert reply["error_id"] == "VALIDATION_ERROR"
@@ -142,7 +144,8 @@ def test_garbage_is_answered_and_dead_lettered(service, requester):
     assert headers[H_ATTEMPTS] == 1
     assert headers[H_ORIGINAL_ROUTING_KEY] == "certificate.register"
     assert headers[H_DEAD_LETTERED_AT].endswith("Z")
-    assert headers["x-trace"] == "t-1"  # the message's own headers are kept
+    assert headers["traceparent"] == traceparent  # the allow-listed trace context is kept ...
+    assert "x-trace" not in headers and "CC" not in headers  # ... and nothing else of the client's
     assert properties.reply_to == requester.reply_queue and properties.content_type == "application/json"
 
 

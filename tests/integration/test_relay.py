@@ -18,6 +18,7 @@ from publishers.relay import UNROUTABLE_REPLY, OutboxRelay
 from storage.engine import make_engine
 from storage.outbox import RELAY_LOCK, OutboxMessage, SqlOutbox, pending_count
 from storage.tables import outbox
+from service.topology import declare_exchanges
 
 try:
     from tests.databases import migrated_database
@@ -52,8 +53,7 @@ def _empty_outbox(engine):
 def channel(amqp_url):
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     ch = connection.channel()
-    ch.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)
-    ch.exchange_declare(COMMANDS_EXCHANGE, exchange_type="topic", durable=True)
+    declare_exchanges(ch)
     yield ch
     if connection.is_open:
         connection.close()

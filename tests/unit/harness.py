@@ -56,20 +56,20 @@ class Service:
                         **properties)
 
     def deliver(self, envelope: Envelope) -> Reply | None:
-        """What the loop does with one delivery; an invalid one is answered without touching the database."""
+        """What the loop does with one delivery; an invalid one is answered and changes nothing."""
         self.now += dt.timedelta(seconds=1)
+        self.calls = 0
         try:
             parsed = parse(envelope, self.policy)
+            with self.uow:
+                while True:
+                    self.calls += 1
+                    processed = process(parsed, self.uow, self.policy, self.now)
+                    self.uow.commit()
+                    if not processed.more:
+                        break
         except Invalid as invalid:
             return error_reply(envelope, invalid.code, invalid.message)
-        self.calls = 0
-        with self.uow:
-            while True:
-                self.calls += 1
-                processed = process(parsed, self.uow, self.policy, self.now)
-                self.uow.commit()
-                if not processed.more:
-                    break
         if processed.reply is not None and envelope.reply_to and not processed.direct_reply:
             sent = [m for m in self.uow.state.outbox if m.kind == "reply"][-1]
             assert Reply.model_validate_json(sent.body) == processed.reply

@@ -2,6 +2,7 @@
 the reply, the events in the outbox and the inbox are what the world sees."""
 from __future__ import annotations
 
+import base64
 import json
 import re
 
@@ -9,7 +10,6 @@ import pytest
 
 from consumers.pipeline import RetryLater
 from contracts.registry import EVENTS
-from contracts.topology import H_ORIGINAL_USER_ID
 from domain.model import Catalogue, Recipient
 
 from .harness import CATALOGUE, Service, code, factories, policy
@@ -145,6 +145,16 @@ def test_a_page_token_not_given_out_is_invalid(service):
     service.consent(PATIENT)
     reply = service.list(page_token="not-a-token")
     assert (reply.error_id.value, reply.code.value) == ("VALIDATION_ERROR", "INVALID_MESSAGE")
+
+
+@pytest.mark.parametrize("key", [{"s": "2026-01-01T00:00:00+00:00", "i": "a\u0000b"},
+                                 {"s": "2026-01-01T00:00:00+00:00", "i": 7},
+                                 {"s": "2026-01-01T00:00:00", "i": "c1"}])
+def test_a_tampered_page_token_is_invalid_before_it_reaches_the_store(service, key):
+    service.consent(PATIENT)
+    token = base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+    reply = service.list(page_token=token)
+    assert (reply.code.value, reply.message) == ("INVALID_MESSAGE", "page_token is not a token this service gave out")
 
 
 def test_care_sees_only_its_own_care_copies_of_the_named_units(service):
@@ -472,11 +482,12 @@ def test_forbidden_is_not_remembered_and_a_replay_acts_as_its_sender():
     envelope = service.envelope("certificate.register", body, message_id="reg-1", user_id="portal")
     assert code(service.deliver(envelope)) == "FORBIDDEN"
     assert "reg-1" not in service.uow.state.inbox
-    replay = service.envelope("certificate.register", body, message_id="reg-1", user_id="ops",
-                              headers={H_ORIGINAL_USER_ID: "portal"})
+    replay = service.envelope("certificate.register", body, message_id="reg-1", user_id="ops", origin_user="portal")
     assert code(service.deliver(replay)) == "FORBIDDEN"  # a replay cannot lift the sender's role
-    replay = service.envelope("certificate.register", body, message_id="reg-1", user_id="ops",
-                              headers={H_ORIGINAL_USER_ID: "webcert"})
+    forged = service.envelope("certificate.register", body, message_id="reg-1", user_id="portal",
+                              origin_user="ops")
+    assert code(service.deliver(forged)) == "FORBIDDEN"  # only an operator's replay acts as another user
+    replay = service.envelope("certificate.register", body, message_id="reg-1", user_id="ops", origin_user="webcert")
     assert code(service.deliver(replay)) == "OK"
     assert code(service.send("certificate.register", body, user_id="ops")) == "ALREADY_EXISTS"  # operators may
 
