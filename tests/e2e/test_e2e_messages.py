@@ -7,7 +7,6 @@ import uuid
 from collections import Counter
 
 import pytest
-from pika.exceptions import UnroutableError
 
 try:
     from tests.e2e.common import (CG, CG2, CU, CU2, certificate, check_dead_letter, check_event, check_reply,
@@ -224,10 +223,13 @@ def test_a_duplicate_delivery_gets_identical_replies_one_effect_and_one_set_of_e
 def test_each_invalid_message_is_answered_and_dead_lettered_with_its_reason_and_refusals_are_not(launch, wire):
     launch()
     p = new_patient()
-    trace = {"x-trace": "t-42"}
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    trace = {"traceparent": traceparent, "x-trace": "t-42", "CC": ["recipient.FKASSA"]}
 
     def invalid(routing_key, body, code, reason, queue, **props):
-        mid = wire.send(routing_key, body, headers=trace, **props)
+        # (through the default exchange the broker would honour the client's own CC for its own publish)
+        headers = trace if props.get("exchange") != "" else {k: v for k, v in trace.items() if k != "CC"}
+        mid = wire.send(routing_key, body, headers=headers, **props)
         return mid, routing_key, body, code, reason, queue, props
 
     cases = [
@@ -257,10 +259,10 @@ def test_each_invalid_message_is_answered_and_dead_lettered_with_its_reason_and_
     # a query without reply_to: nobody to answer, dead-lettered
     no_reply_to = wire.send("consent.get", {"patient_id": p}, reply=False, headers=trace)
 
-    # an unknown routing key never reaches the service: intyg.commands routes only the known types, so the broker
-    # returns it to a `mandatory` publisher (and drops it silently otherwise)
-    with pytest.raises(UnroutableError):
-        wire.send("certificate.explode", {"x": 1})
+    # an unknown routing key reaches the service through the alternate exchange (§1): answered, dead-lettered
+    unknown = wire.send("certificate.explode", {"x": 1}, headers=trace)
+    cases.append((unknown, "certificate.explode", {"x": 1}, "INVALID_MESSAGE", "unknown message type",
+                  "intyg.unrouted", {}))
 
     for mid, routing_key, body, code, reason, queue, props in cases:
         reply = check_reply(wire, mid, "ERROR", code)
@@ -282,7 +284,7 @@ def test_each_invalid_message_is_answered_and_dead_lettered_with_its_reason_and_
                 "ERROR", "NOT_FOUND")
 
     letters = {q: wire.take(f"{q}.dlq") for q in ("intyg.registration", "intyg.status", "intyg.consent",
-                                                   "intyg.query")}
+                                                   "intyg.query", "intyg.unrouted")}
     by_id = {(q, m.properties.message_id or m.properties.correlation_id): m for q, ms in letters.items() for m in ms}
     expected = {(c[5], c[0]) for c in cases} | {("intyg.consent", "no-id-1"), ("intyg.query", no_reply_to)}
     assert set(by_id) == expected  # exactly the invalid ones, each once
@@ -296,10 +298,15 @@ def test_each_invalid_message_is_answered_and_dead_lettered_with_its_reason_and_
         assert kept.message_id == mid and kept.reply_to == wire.reply_queue and kept.delivery_mode == 2
         assert kept.content_type == props.get("content_type", "application/json")
         assert kept.type == props.get("type")
-        assert letter.headers["x-trace"] == "t-42"
+        assert letter.headers["traceparent"] == traceparent  # the allow-listed trace context, nothing else
+        assert "x-trace" not in letter.headers and "CC" not in letter.headers
+    # the client's CC header reached no recipient: all that is there is the one delivery of the send below
+    delivered = wire.take("recipient.FKASSA")
+    assert all(m.routing_key.startswith("recipient.FKASSA.certificate.") for m in delivered), [
+        (m.exchange, m.routing_key, m.properties.message_id) for m in delivered]
     no_id_letter = by_id[("intyg.consent", "no-id-1")]
     check_dead_letter(no_id_letter, code="INVALID_MESSAGE", routing_key="consent.set", error_contains="message_id")
-    assert no_id_letter.properties.message_id is None and no_id_letter.headers["x-trace"] == "t-42"
+    assert no_id_letter.properties.message_id is None and no_id_letter.headers["traceparent"] == traceparent
     query_letter = by_id[("intyg.query", no_reply_to)]
     check_dead_letter(query_letter, code="INVALID_MESSAGE", routing_key="consent.get", error_contains="reply_to")
     assert query_letter.properties.reply_to is None

@@ -113,28 +113,35 @@ def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch,
 def test_an_operators_dlq_replay_acts_for_the_original_sender(launch, wire, stack, broker_users):
     users, urls = _broker_users(broker_users, stack, "e2e-replay", ("care", "operator"))
     launch(ENFORCE_ROLES="true", ROLES={users["care"]: {"role": "care", "care_giver_ids": [CG]},
-                                        users["operator"]: {"role": "operator"}})
+                                        users["operator"]: {"role": "operator"}},
+           REVOKE_WAIT_S="1", RETRY_DELAYS_S="[0.3]")
     care = Wire(urls["care"], tap_events=False)
     try:
         cid, p = new_id(), new_patient()
+        # a care user's revoke that overtakes its register, until the service gives up: a dead letter as the
+        # service writes one, its sender in the signed bookkeeping
+        revoke = care.send("certificate.revoke", revoke_body(cid, p), user_id=users["care"])
+        check_reply(care, revoke, "ERROR", "NOT_FOUND", timeout=20)
         check_reply(care, care.send("certificate.register", {"certificate": certificate(cid, p)},
                                     user_id=users["care"]), "OK")
-        # a dead letter exactly as the service writes one for a care user's message (see the test above)
-        message_id = f"replayed-{new_id()}"
+        # the same revoke in a dead letter a client made up, naming the care user in an unsigned header
+        forged = f"forged-{new_id()}"
         wire.channel.basic_publish("", "intyg.status.dlq", json.dumps(revoke_body(cid, p)).encode(),
                                    pika.BasicProperties(
-                                       message_id=message_id, content_type="application/json", delivery_mode=2,
+                                       message_id=forged, content_type="application/json", delivery_mode=2,
                                        reply_to=care.reply_queue, headers={
                                            "x-intyg-original-user-id": users["care"],
                                            "x-intyg-original-routing-key": "certificate.revoke",
-                                           "x-intyg-error-code": "NOT_FOUND", "x-intyg-error": "not found",
-                                           "x-intyg-attempts": 5, "x-intyg-dead-lettered-at": "2026-01-01T00:00:00Z"}))
-        wire.pump_until(lambda: wire.ready("intyg.status.dlq") == 1, 10, "the dead letter")
-        replay = subprocess.run(cli("dlq", "replay", "intyg.status", "--id", message_id), cwd=REPO,
+                                           "x-intyg-attempts": 5}))
+        wire.pump_until(lambda: wire.ready("intyg.status.dlq") == 2, 10, "the two dead letters")
+        replay = subprocess.run(cli("dlq", "replay", "intyg.status", "--all"), cwd=REPO,
                                 env=service_env(AMQP_URL=urls["operator"]), capture_output=True, text=True,
                                 timeout=60)
-        assert replay.returncode == 0 and "replayed 1 of 1" in replay.stdout, replay.stdout + replay.stderr
-        check_reply(care, message_id, "OK")
+        assert replay.returncode == 0 and "replayed 2 of 2" in replay.stdout, replay.stdout + replay.stderr
+        refused = check_reply(care, forged, "ERROR", "INVALID_MESSAGE")
+        assert "x-intyg-*" in refused["message"]  # never acts as a user an unsigned header names
+        care.pump_until(lambda: len(care.replies[revoke]) >= 2, 15, "the reply to the replayed revoke")
+        assert care.replies[revoke][1].body["result"] == "OK"  # acted as the care user, not as the operator
         assert stack.db.scalar("select revoked_at is not null from certificates where id = %s", cid) is True
     finally:
         care.close()
