@@ -238,10 +238,11 @@ class Consumer(threading.Thread):
         envelope, past = self.reader.read(delivery, now)
         item = Item(delivery, envelope, past)
         if self.queue == UNROUTED:  # §1: whatever arrives here has a type no service queue takes
-            item.invalid = Invalid(Code.INVALID_MESSAGE, f"unknown message type {envelope.routing_key!r}")
+            item.invalid = Invalid(Code.INVALID_MESSAGE, f"unknown message type {pipeline.quoted(envelope.routing_key)}")
         elif envelope.problem is None and envelope.routing_key not in SERVICE_QUEUES[self.queue]:
             # it reached this queue some other way than through the contract's bindings
-            item.invalid = Invalid(Code.INVALID_MESSAGE, f"unknown routing key {envelope.routing_key!r} for {self.queue}")
+            item.invalid = Invalid(Code.INVALID_MESSAGE,
+                                   f"unknown routing key {pipeline.quoted(envelope.routing_key)} for {self.queue}")
         else:
             item.parse(self.policy)
         return item

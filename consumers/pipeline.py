@@ -17,6 +17,7 @@ from consumers.envelope import Envelope
 from consumers.routes import OPERATOR, ROUTES, Route, care_giver_named, role_needed
 from consumers.wire import reply_for_refusal
 from domain.errors import Refused
+from domain.privacy import scrub
 from domain.model import Catalogue
 from storage.outbox import OutboxMessage
 
@@ -75,11 +76,11 @@ def parse(envelope: Envelope, policy: Policy) -> Parsed:
         raise Invalid(Code.INVALID_MESSAGE, "message_id is required (1-128 characters)")
     route = ROUTES.get(envelope.routing_key)
     if route is None:
-        raise Invalid(Code.INVALID_MESSAGE, f"unknown routing key {envelope.routing_key!r}")
+        raise Invalid(Code.INVALID_MESSAGE, f"unknown routing key {quoted(envelope.routing_key)}")
     if envelope.type is not None and envelope.type != envelope.routing_key:
-        raise Invalid(Code.INVALID_MESSAGE, f"type {envelope.type!r} does not match routing key")
+        raise Invalid(Code.INVALID_MESSAGE, f"type {quoted(envelope.type)} does not match routing key")
     if envelope.content_type not in (None, "", "application/json"):
-        raise Invalid(Code.INVALID_MESSAGE, f"content_type must be application/json, not {envelope.content_type!r}")
+        raise Invalid(Code.INVALID_MESSAGE, f"content_type must be application/json, not {quoted(envelope.content_type)}")
     if route.query and not envelope.reply_to:
         raise Invalid(Code.INVALID_MESSAGE, "a query needs reply_to")
     if len(envelope.body) > policy.max_body_bytes:
@@ -93,6 +94,11 @@ def parse(envelope: Envelope, policy: Policy) -> Parsed:
     except ValidationError as error:
         raise _invalid(error) from None
     return Parsed(envelope, route, message)
+
+
+def quoted(value: str) -> str:
+    """A client's value in a reply text: short, and never a personnummer (§3)."""
+    return repr(scrub(value[:64]) + ("…" if len(value) > 64 else ""))
 
 
 def _invalid(error: ValidationError) -> Invalid:

@@ -146,3 +146,10 @@ def test_any_properties_and_headers_read_safely(headers, message_id, reply_to, c
     if envelope.problem is None:
         assert envelope.message_id is not None
     assert past.first_attempt_at == NOW
+
+
+def test_a_clients_value_echoed_in_a_reply_is_short_and_never_a_personnummer():
+    from consumers.pipeline import quoted
+
+    assert quoted("certificate.191212121212") == repr("certificate.<personnummer>")
+    assert len(quoted("x" * 300)) < 70
