@@ -74,8 +74,10 @@ class _Culprit(Exception):
         self.item = item
 
 
-def apply(items: Sequence[Item], new_uow: Callable[[], Any], policy: pipeline.Policy, now: dt.datetime) -> None:
-    """Apply every parsed message of `items` and commit; see the module docstring."""
+def apply(items: Sequence[Item], new_uow: Callable[[], Any], policy: pipeline.Policy, now: dt.datetime,
+          retried: Callable[[str], None] = lambda reason: None) -> None:
+    """Apply every parsed message of `items` and commit; see the module docstring. `retried` hears of each
+    transaction run again: "fallback" (a savepoint per message) or "transient" (a fault took the transaction)."""
     pending = [i for i in items if i.parsed is not None and i.fault is None]
     careful = False
     rounds = 0
@@ -88,9 +90,11 @@ def apply(items: Sequence[Item], new_uow: Callable[[], Any], policy: pipeline.Po
             if careful:  # cannot happen: careful runs never fall back
                 raise
             careful = True
+            retried("fallback")
             continue
         except _Culprit as culprit:
             rounds += 1
+            retried("transient")
             pending = [i for i in pending if i is not culprit.item]
             if rounds >= MAX_ROUNDS:  # too many transient faults in a row: the retry path sorts them out
                 for item in pending:
@@ -101,6 +105,7 @@ def apply(items: Sequence[Item], new_uow: Callable[[], Any], policy: pipeline.Po
         except Exception as exc:  # noqa: BLE001 - begin, warm-up, flush or commit failed
             if not careful and not is_transient(exc):
                 careful = True  # maybe one message's value: find it with a savepoint per message
+                retried("fallback")
                 continue
             for item in pending:
                 item.reset()

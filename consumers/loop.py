@@ -33,6 +33,7 @@ from pika.exceptions import AMQPError, NackError, UnroutableError
 from consumers import batch, outcome, pipeline, retry
 from consumers.batch import Item
 from consumers.envelope import Delivery, Reader
+from consumers.metrics import NO_METRICS, LoopMetrics
 from consumers.pipeline import Invalid
 from contracts.replies import Code
 from contracts.topology import CONSUMED_QUEUES, SERVICE_QUEUES, UNROUTED, dlq
@@ -83,7 +84,8 @@ class Consumer(threading.Thread):
 
     def __init__(self, queue: str, settings: Any, engine: Any, *, relay: Any = None,
                  declare: Callable[[Any], Any] | None = None, policy: pipeline.Policy | None = None,
-                 clock: Callable[[], dt.datetime] | None = None, index: int = 0) -> None:
+                 clock: Callable[[], dt.datetime] | None = None, index: int = 0,
+                 metrics: LoopMetrics = NO_METRICS) -> None:
         super().__init__(name=f"consumer-{queue}-{index}", daemon=True)
         if queue not in CONSUMED_QUEUES:
             raise ValueError(f"not a consumed queue: {queue}")
@@ -98,6 +100,7 @@ class Consumer(threading.Thread):
         self.log = structlog.get_logger("intygstjanst.consumer").bind(
             queue=queue, **({"consumer": index} if index else {}))
         self.index = index
+        self.metrics = metrics
         self.own_user = pika.URLParameters(settings.amqp_url).credentials.username
         self.signer = retry.Signer(settings.signing_key)
         self.reader = Reader(queue, self.own_user, self.signer)
@@ -119,6 +122,10 @@ class Consumer(threading.Thread):
 
     def wait_consuming(self, timeout: float | None = None) -> bool:
         return self._consuming.wait(timeout)
+
+    @property
+    def consuming(self) -> bool:
+        return self._consuming.is_set()
 
     def run(self) -> None:
         backoff = Backoff(cap_s=self.settings.reconnect_max_s)
@@ -147,6 +154,7 @@ class Consumer(threading.Thread):
     def _broker_trouble(self, backoff: Backoff, why: str) -> None:
         if self._stopping.is_set():
             return
+        self.metrics.reconnect(self.queue)
         delay = backoff.next()
         self.log.warning(f"{why}; reconnecting in {delay:.1f}s", attempt=backoff.failures)
         self._stopping.wait(delay)
@@ -227,7 +235,8 @@ class Consumer(threading.Thread):
         now = self.clock()
         items = [self._item(d, now) for d in deliveries]
         new_uow = lambda: SqlUnitOfWork(self.engine)  # noqa: E731
-        batch.apply(items, new_uow, self.policy, now)
+        self.metrics.batch(self.queue, len(items))
+        batch.apply(items, new_uow, self.policy, now, lambda reason: self.metrics.transaction_retry(self.queue, reason))
         self._committed(items)
         for item in items:
             if item.processed is not None and item.processed.more and item.fault is None:
@@ -282,19 +291,26 @@ class Consumer(threading.Thread):
             if settlement.dead_letter:
                 self._dead_letter(item, settlement, now)
             self._log(item, settlement)
+            self._count(item, settlement.outcome)
             return True
         except (UnroutableError, NackError) as exc:
             self.log.error("could not publish what settles a message; requeueing it", message_id=item.message_id,
                            error=type(exc).__name__)
             self._redeclare = True
             self._channel.basic_nack(delivery_tag=item.delivery.tag, requeue=True)
+            self._count(item, "REQUEUED")
         except AMQPError:
             raise  # the connection or channel is gone: the broker redelivers the batch
         except Exception as exc:  # noqa: BLE001 - this message alone: the broker dead-letters it
             self.log.error(f"could not settle a message; rejected to {self.dlq} by the broker",
                            message_id=item.message_id, exc_info=exc)
             self._channel.basic_reject(delivery_tag=item.delivery.tag, requeue=False)
+            self._count(item, "REJECTED")
+            self.metrics.dead_lettered(self.dlq, "REJECTED")
         return False
+
+    def _count(self, item: Item, outcome: str) -> None:
+        self.metrics.settled(self.queue, item.envelope.routing_key, outcome, item.ms / 1000)
 
     def _retry(self, item: Item, settlement: outcome.Settlement) -> None:
         envelope, decision, (code, error) = item.envelope, settlement.retry, settlement.error
@@ -309,6 +325,7 @@ class Consumer(threading.Thread):
                                             user_id=envelope.user_id, code=code, error=error, now=now,
                                             signer=self.signer)
         self._publisher.copy(self.dlq, item.delivery.body, copy_properties(envelope, headers))
+        self.metrics.dead_lettered(self.dlq, code)
 
     def _log(self, item: Item, settlement: outcome.Settlement) -> None:
         parsed = item.parsed
@@ -346,9 +363,9 @@ def consumer_count(queue: str, settings: Any) -> int:
 
 
 def make_consumers(settings: Any, engine: Any, *, relay: Any = None, queues: Sequence[str] | None = None,
-                   declare: Callable[[Any], Any] | None = None) -> list[Consumer]:
+                   declare: Callable[[Any], Any] | None = None, metrics: LoopMetrics = NO_METRICS) -> list[Consumer]:
     """The consumer threads (not started) for `queues` (default: every consumed queue)."""
-    return [Consumer(q, settings, engine, relay=relay, declare=declare, index=i)
+    return [Consumer(q, settings, engine, relay=relay, declare=declare, index=i, metrics=metrics)
             for q in (queues or CONSUMED_QUEUES) for i in range(consumer_count(q, settings))]
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from pika.exceptions import AMQPConnectionError
 
 from consumers.loop import Backoff, Consumer, consumer_count, make_consumers
+from consumers.metrics import NO_METRICS, LoopMetrics
 from contracts.topology import CONSUMED_QUEUES
 from service import topology
 from service.logging import get_logger
@@ -54,6 +55,8 @@ class Service:
         self._stop = threading.Event()
         self._stopped = False
         self._listener: Any = None
+        self.metrics: LoopMetrics = NO_METRICS
+        self.probes: Any = None
 
     # -- start ---------------------------------------------------------------------------------------------------
 
@@ -85,7 +88,7 @@ class Service:
         if self.with_consumers:
             declare: Callable[[Any], Any] = lambda channel: topology.declare(channel, settings)  # noqa: E731
             self.consumers = make_consumers(settings, self.engine, relay=self.relay, queues=self.queues,
-                                            declare=declare)
+                                            declare=declare, metrics=self.metrics)
             for consumer in self.consumers:
                 consumer.start()
             deadline = time.monotonic() + ready_timeout
@@ -131,6 +134,8 @@ class Service:
             self._relay_thread.join(max(0.1, deadline - time.monotonic()))
         if self.engine is not None:
             self.engine.dispose()
+        if self.probes is not None:
+            self.probes.stop()
         self.log.info("service stopped")
 
     def request_stop(self) -> None:
@@ -139,12 +144,27 @@ class Service:
 
     # -- run as a process ------------------------------------------------------------------------------------------
 
-    def healthy(self) -> bool:
-        """Every thread that should run is alive."""
+    def start_probes(self) -> None:
+        """`/metrics`, `/healthz` and `/readyz` on `metrics_port` (0: none); call before `start()`, so that they
+        answer while the service still waits for its database or broker."""
+        port = getattr(self.settings, "metrics_port", 0)
+        if not port:
+            return
+        from service.probes import Probes
+
+        self.probes = Probes(self, port)
+        self.metrics = self.probes.loop_metrics
+        self.probes.start()
+
+    def dead_threads(self) -> list[str]:
         threads: list[threading.Thread] = list(self.consumers)
         if self._relay_thread is not None:
             threads.append(self._relay_thread)
-        return all(t.is_alive() for t in threads)
+        return [t.name for t in threads if not t.is_alive()]
+
+    def healthy(self) -> bool:
+        """Every thread that should run is alive."""
+        return not self.dead_threads()
 
     def wait(self) -> bool:
         """Until `request_stop()` (or a signal); False if a thread died meanwhile."""
@@ -157,6 +177,7 @@ class Service:
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
+            self.start_probes()
             try:
                 self.start()
             except StartupAborted:

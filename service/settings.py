@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     # Key of the HMAC on the service's own retry and dead-letter bookkeeping (consumers.retry.Signer); every
     # instance must share it. Empty: derived from the service's broker credentials, which every instance shares.
     header_signing_key: str = ""
+    # `/metrics`, `/healthz` and `/readyz` of `serve` (service.probes); 0 = none.
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
 
     @cached_property
     def catalogue(self) -> Catalogue:

@@ -30,6 +30,7 @@ FAST: dict[str, Any] = {
     "RECONNECT_MAX_S": 1,
     "RELAY_POLL_S": 0.05,
     "LOG_LEVEL": "INFO",
+    "METRICS_PORT": 0,  # tests run side by side: the ones about the endpoints give a free port
 }
 
 
