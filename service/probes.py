@@ -28,8 +28,10 @@ from storage.outbox import RELAY_LOCK
 
 PROBE_TIMEOUT_MS = 2_000  # a probe must answer before the orchestrator's own timeout
 
+# Advisory locks are per database: the relay lock of another database on the same server is another service's.
 _LEADER = text("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = :a AND objid = :b "
-               "AND objsubid = 2 AND granted)")
+               "AND objsubid = 2 AND granted "
+               "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))")
 _REVISION = text("SELECT version_num FROM alembic_version")
 _HAS_VERSION_TABLE = text("SELECT to_regclass('alembic_version') IS NOT NULL")
 

@@ -92,11 +92,12 @@ class Launcher:
         self.tmp_path = tmp_path
         self.processes: list[ServiceProcess] = []
 
-    def __call__(self, *, ready: bool = True, **settings: Any) -> ServiceProcess:
+    def __call__(self, *args: str, ready: bool = True, **settings: Any) -> ServiceProcess:
+        """`serve ARGS` with `settings` (as environment variables) over the stack's and FAST's."""
         merged = {"AMQP_URL": self.stack.amqp_url, "DATABASE_URL": self.stack.database_url, **FAST,
                   **{k.upper(): v for k, v in settings.items()}}
         log = self.tmp_path / f"service-{len(self.processes) + 1}.log"
-        process = ServiceProcess(service_env(**merged), log)
+        process = ServiceProcess(service_env(**merged), log, args)
         self.processes.append(process)
         return process.start(ready=ready)
 

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -59,17 +61,18 @@ def cli(*args: str) -> list[str]:
 class ServiceProcess:
     """`intygstjanst serve` in a subprocess; stdout and stderr go to `log_path`."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.env = env
         self.log_path = log_path
+        self.args = args  # after `serve`: --no-relay, --relay-only
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
     def start(self, *, ready: bool = True, timeout: float = 60.0) -> ServiceProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
-        command = cli("serve")
+        command = cli("serve", *self.args)
         if "TEST_CRASH_AFTER_COMMIT" in self.env:  # the same service with a fault injected (crashing_serve.py)
-            command = [sys.executable, str(REPO / "tests" / "e2e" / "crashing_serve.py"), "serve"]
+            command = [sys.executable, str(REPO / "tests" / "e2e" / "crashing_serve.py"), "serve", *self.args]
         self.proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if ready:
@@ -324,3 +327,48 @@ def walk(value: Any) -> Iterable[tuple[str, Any]]:
     elif isinstance(value, list):
         for v in value:
             yield from walk(v)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the HTTP endpoints (METRICS_PORT)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """`/metrics` parsed with prometheus_client's own parser: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        exposition = response.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(exposition) for s in family.samples}
+
+
+def sample(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The value of one sample (0 when absent: a counter nobody incremented yet has no sample)."""
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+def probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON body) of `/healthz` or `/readyz`."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `condition` until it returns something true (and return that); connection errors count as not yet."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+        except OSError as exc:  # the endpoint is not listening yet
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {timeout}s (last: {last!r})")
