@@ -60,6 +60,34 @@ def serve(
 
 
 @app.command()
+def probe(
+    endpoint: Annotated[str, typer.Argument(help="healthz (alive) or readyz (ready to work).")] = "readyz",
+    host: Annotated[str, typer.Option(help="Where `serve` runs.")] = "127.0.0.1",
+) -> None:
+    """Ask a running `serve` (on METRICS_PORT) whether it is alive or ready; exit 0 if so, 1 if not.
+
+    For container health checks (the image has no curl). Prints the JSON answer."""
+    import urllib.error
+    import urllib.request
+
+    if endpoint not in ("healthz", "readyz"):
+        raise typer.BadParameter("healthz or readyz")
+    port = _settings().metrics_port
+    if not port:
+        typer.echo("METRICS_PORT is 0: serve has no health endpoints", err=True)
+        raise typer.Exit(1)
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/{endpoint}", timeout=4) as response:
+            typer.echo(response.read().decode())
+    except urllib.error.HTTPError as not_ok:
+        typer.echo(not_ok.read().decode())
+        raise typer.Exit(1) from None
+    except OSError as unreachable:
+        typer.echo(f"no answer on {host}:{port}: {unreachable}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def migrate() -> None:
     """Upgrade the database schema to the newest revision (safe to run while other instances start)."""
     from storage import migrate as m

@@ -4,17 +4,18 @@ not there yet, comes, and goes, and a port that is already taken."""
 from __future__ import annotations
 
 import socket
+import subprocess
 
 import pytest
 
 try:
     from tests.cluster import PostgresPair, free_port
     from tests.e2e.common import certificate, check_reply
-    from tests.e2e.harness import new_id, new_patient, probe, sample, scrape, wait_for
+    from tests.e2e.harness import cli, new_id, new_patient, probe, sample, scrape, service_env, wait_for
 except ImportError:  # tests/ itself on sys.path
     from cluster import PostgresPair, free_port
     from e2e.common import certificate, check_reply
-    from e2e.harness import new_id, new_patient, probe, sample, scrape, wait_for
+    from e2e.harness import cli, new_id, new_patient, probe, sample, scrape, service_env, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -25,6 +26,12 @@ OUTBOX_BACKLOG = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
 def consumed(metrics, queue: str, kind: str, outcome: str) -> float:
     return sample(metrics, "messaging_client_consumed_messages_total", messaging_destination_name=queue,
                   messaging_rabbitmq_destination_routing_key=kind, outcome=outcome)
+
+
+def health_check(endpoint: str, port: int) -> int:
+    """The exit code of `intygstjanst probe ENDPOINT`, as a container health check runs it."""
+    return subprocess.run(cli("probe", endpoint), env=service_env(METRICS_PORT=port), capture_output=True,
+                          timeout=30).returncode
 
 
 def test_metrics_count_messages_by_queue_type_and_outcome_and_the_outbox_gauges_follow_the_relay(launch, wire, stack):
@@ -111,6 +118,7 @@ def test_readyz_follows_the_database_before_migration_while_it_runs_and_once_it_
         status, body = wait_for(lambda: probe(port, "/readyz"), 30, "the probes answering")
         assert status == 503 and body["checks"]["database"].startswith("unreachable")
         assert "database" in body["not_ready"] and probe(port, "/healthz")[0] == 200
+        assert health_check("readyz", port) == 1 and health_check("healthz", port) == 0
 
         server.start()
         service.wait_ready(60)
@@ -118,6 +126,7 @@ def test_readyz_follows_the_database_before_migration_while_it_runs_and_once_it_
                                 "ready once migrated")
         assert body["checks"] == {"database": "ok", "consumers": "ok", "relay_leader": "ok"}
         check_reply(wire, wire.send("consent.get", {"patient_id": new_patient()}), "OK")
+        assert health_check("readyz", port) == 0
 
         server.stop()
         status, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(probe(port, "/readyz")), 30,
