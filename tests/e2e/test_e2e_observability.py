@@ -3,6 +3,7 @@ while messages flow (parsed with prometheus_client's parser), `/readyz` and `/he
 not there yet, comes, and goes, and a port that is already taken."""
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 
@@ -11,15 +12,16 @@ import pytest
 try:
     from tests.cluster import PostgresPair, free_port
     from tests.e2e.common import certificate, check_reply
-    from tests.e2e.harness import cli, new_id, new_patient, probe, sample, scrape, service_env, wait_for
+    from tests.e2e.harness import REPO, cli, new_id, new_patient, probe, sample, scrape, service_env, wait_for
 except ImportError:  # tests/ itself on sys.path
     from cluster import PostgresPair, free_port
     from e2e.common import certificate, check_reply
-    from e2e.harness import cli, new_id, new_patient, probe, sample, scrape, service_env, wait_for
+    from e2e.harness import REPO, cli, new_id, new_patient, probe, sample, scrape, service_env, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REG = "intyg.registration"
+FAST_RECONNECT = {"RECONNECT_MAX_S": "1", "RELAY_POLL_S": "0.05"}
 OUTBOX_BACKLOG = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
 
 
@@ -150,3 +152,21 @@ def test_a_metrics_port_in_use_is_logged_once_and_the_service_serves_on(launch, 
         check_reply(wire, wire.send("consent.get", {"patient_id": new_patient()}), "OK")
     off = [line for line in service.log_lines() if line.get("event", "").startswith("metrics and health endpoints off")]
     assert len(off) == 1 and off[0]["port"] == port and off[0]["level"] == "warning"
+
+
+def test_scripts_run_migrates_and_serves_with_the_services_it_is_given(stack, wire, tmp_path):
+    port = free_port()
+    env = service_env(AMQP_URL=stack.amqp_url, DATABASE_URL=stack.database_url, METRICS_PORT=port, SKIP_INSTALL="1",
+                      **FAST_RECONNECT)
+    with open(tmp_path / "run.log", "wb") as log:
+        run = subprocess.Popen(["bash", str(REPO / "scripts" / "run")], env=env, stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: probe(port, "/readyz")[0] == 200, 90, "scripts/run ready")
+            check_reply(wire, wire.send("consent.get", {"patient_id": new_patient()}), "OK")
+        finally:
+            run.send_signal(signal.SIGTERM)
+            code = run.wait(60)
+    output = (tmp_path / "run.log").read_text()
+    assert code == 0, output
+    assert "DATABASE_URL from environment" in output and "database migrated from (empty) to" in output
