@@ -37,11 +37,12 @@ _HAS_VERSION_TABLE = text("SELECT to_regclass('alembic_version') IS NOT NULL")
 
 
 class Probes:
-    """Owns the registry, a one-connection engine for the probes and the HTTP server of one `Service`."""
+    """Owns the registry, a small engine for the probes and the HTTP server of one `Service`."""
 
     def __init__(self, service: Any, port: int, host: str = "") -> None:
         self.service = service
-        self.engine = make_engine(service.settings.database_url, pool_size=1, max_overflow=0,
+        # a few connections: a scrape and two probes at once must not queue behind one that waits for a dead server
+        self.engine = make_engine(service.settings.database_url, pool_size=1, max_overflow=2,
                                   statement_timeout_ms=PROBE_TIMEOUT_MS, lock_timeout_ms=PROBE_TIMEOUT_MS,
                                   application_name="intygstjanst-probes",
                                   connect_args={"connect_timeout": PROBE_TIMEOUT_MS // 1000})

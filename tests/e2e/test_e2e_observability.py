@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+from importlib import metadata
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_metrics_count_messages_by_queue_type_and_outcome_and_the_outbox_gauges_
     assert sample(metrics, "intyg_consumer_batch_size_sum", messaging_destination_name=REG) == 7
     assert sample(metrics, "intyg_consumer_consuming", messaging_destination_name=REG, consumer="0") == 1
     assert not any(name.startswith("intyg_outbox_relay") for name, _ in metrics)  # no relay in this process
-    assert sample(metrics, "intyg_build_info", version="0.1.0", contract_version="1.1",
+    assert sample(metrics, "intyg_build_info", version=metadata.version("intygstjanst"), contract_version="1.1",
                   messaging_system="rabbitmq") == 1
     # no certificate id, message id or patient ever becomes a label
     label_values = {value for _, labels in metrics for _, value in labels}
