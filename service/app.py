@@ -51,12 +51,12 @@ class Service:
         self.engine: Any = None
         self.relay: Any = None
         self.consumers: list[Consumer] = []
+        self.metrics: LoopMetrics = NO_METRICS  # the probes' Prometheus metrics once `start_probes()` ran
+        self.probes: Any = None
         self._relay_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._stopped = False
         self._listener: Any = None
-        self.metrics: LoopMetrics = NO_METRICS
-        self.probes: Any = None
 
     # -- start ---------------------------------------------------------------------------------------------------
 
