@@ -10,6 +10,10 @@ from contracts.certificate import Certificate
 
 
 class RegisterCertificate(Strict):
+    """Care registers a signed certificate: stored, available to care and to the citizen, status RECEIVED. Event
+    `certificate.registered`.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "certificate.register"
     certificate: Certificate
 
@@ -20,6 +24,11 @@ class RevokedBy(Strict):
 
 
 class RevokeCertificate(Strict):
+    """Care revokes a certificate (status REVOKED). A revoke that overtakes its register waits for it (5 minutes
+    by default), then NOT_FOUND. Events `certificate.revoked` and `recipient.R.certificate.revoked` for every
+    recipient it was sent to.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "certificate.revoke"
     certificate_id: CertificateId
     patient_id: PatientId
@@ -28,17 +37,30 @@ class RevokeCertificate(Strict):
 
 
 class RemoveCareCopy(Strict):
+    """Care removes its copy. With the patient's consent the certificate stays the citizen's (`data.outcome`
+    CITIZEN_ONLY, event `certificate.care-copy-removed`); without it, it is purged (`data.outcome` PURGED,
+    event `certificate.purged`).
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "certificate.remove-care-copy"
     certificate_id: CertificateId
     care_giver_id: HsaId
 
 
 class RemoveCareCopies(Strict):
+    """A care giver leaves: the rule of `certificate.remove-care-copy` for each of its certificates, in batches;
+    `data = {"citizen_only": n, "purged": m}`.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "care-giver.remove-care-copies"
     care_giver_id: HsaId
 
 
 class SetStatus(Strict):
+    """The citizen archives a certificate (out of view, still available to care) or restores it; needs consent.
+    Event `certificate.archived` / `certificate.restored`.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "certificate.set-status"
     certificate_id: CertificateId
     patient_id: PatientId
@@ -46,6 +68,11 @@ class SetStatus(Strict):
 
 
 class SendCertificate(Strict):
+    """The citizen (needs consent) or care (its own certificate, with `care_giver_id`) sends a certificate to a
+    recipient: status SENT, event `certificate.sent`, and `recipient.R.certificate.sent` with the whole
+    certificate to the recipient's queue.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "certificate.send"
     certificate_id: CertificateId
     patient_id: PatientId
@@ -55,6 +82,10 @@ class SendCertificate(Strict):
 
 
 class SetConsent(Strict):
+    """The citizen gives or withdraws consent. Withdrawing purges every certificate of the patient no longer
+    available to care; `data = {"purged": n}`, event `certificate.purged` for each.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "consent.set"
     patient_id: PatientId
     given: bool

@@ -19,6 +19,8 @@ class Event(Strict):
 
 
 class CertificateRegistered(Event):
+    """A certificate was registered."""
+
     ROUTING_KEY: ClassVar[str] = "certificate.registered"
     certificate_id: CertificateId
     certificate_type: CertificateType
@@ -29,6 +31,8 @@ class CertificateRegistered(Event):
 
 
 class CertificateRevoked(Event):
+    """A certificate was revoked."""
+
     ROUTING_KEY: ClassVar[str] = "certificate.revoked"
     certificate_id: CertificateId
     certificate_type: CertificateType
@@ -36,6 +40,8 @@ class CertificateRevoked(Event):
 
 
 class CertificateSent(Event):
+    """A certificate was sent to a recipient."""
+
     ROUTING_KEY: ClassVar[str] = "certificate.sent"
     certificate_id: CertificateId
     certificate_type: CertificateType
@@ -44,29 +50,38 @@ class CertificateSent(Event):
 
 
 class CertificateArchived(Event):
+    """The citizen archived a certificate."""
+
     ROUTING_KEY: ClassVar[str] = "certificate.archived"
     certificate_id: CertificateId
 
 
 class CertificateRestored(Event):
+    """The citizen restored an archived certificate."""
+
     ROUTING_KEY: ClassVar[str] = "certificate.restored"
     certificate_id: CertificateId
 
 
 class CareCopyRemoved(Event):
+    """Care removed its copy; the certificate is the citizen's only."""
+
     ROUTING_KEY: ClassVar[str] = "certificate.care-copy-removed"
     certificate_id: CertificateId
     care_giver_id: HsaId
 
 
 class CertificatePurged(Event):
+    """A certificate was purged for good; only its id is kept."""
+
     ROUTING_KEY: ClassVar[str] = "certificate.purged"
     certificate_id: CertificateId
     reason: Literal["CARE_COPY_REMOVED_WITHOUT_CONSENT", "CONSENT_WITHDRAWN"]
 
 
 class RecipientCertificateSent(Event):
-    """Routing key `recipient.<R>.certificate.sent`."""
+    """To recipient R: the certificate a citizen or care sent it, whole (document included); routing key
+    `recipient.<R>.certificate.sent`. Never for a test certificate."""
 
     ROUTING_KEY: ClassVar[str] = "recipient.{recipient_id}.certificate.sent"
     recipient_id: RecipientId
@@ -75,7 +90,7 @@ class RecipientCertificateSent(Event):
 
 
 class RecipientCertificateRevoked(Event):
-    """Routing key `recipient.<R>.certificate.revoked`."""
+    """To recipient R: a certificate it received was revoked; routing key `recipient.<R>.certificate.revoked`."""
 
     ROUTING_KEY: ClassVar[str] = "recipient.{recipient_id}.certificate.revoked"
     recipient_id: RecipientId

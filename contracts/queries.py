@@ -13,12 +13,21 @@ PageToken = Field(default=None, max_length=512)
 
 
 class GetCertificate(Strict):
+    """The citizen reads one certificate, document included, archived ones too (needs consent); `data` =
+    StoredCertificate.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "certificate.get"
     certificate_id: CertificateId
     patient_id: PatientId
 
 
 class ListCertificates(Strict):
+    """The citizen lists certificates, newest `signed_at` first, without documents (needs consent); `archived:
+    true` lists the archive; dates are Swedish calendar days, both inclusive. `data = {"certificates":
+    [StoredCertificate], "next_page_token"}`.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "certificate.list"
     patient_id: PatientId
     archived: bool = False
@@ -30,12 +39,20 @@ class ListCertificates(Strict):
 
 
 class GetCertificateForCare(Strict):
+    """Care reads one certificate of its own care giver while it is available to care; `data` =
+    StoredCertificate.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "certificate.get-for-care"
     certificate_id: CertificateId
     care_giver_id: HsaId
 
 
 class ListCertificatesForCare(Strict):
+    """Care lists a patient's certificates available to care and issued by one of the given care units; `data =
+    {"certificates": [StoredCertificate], "next_page_token"}`.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "certificate.list-for-care"
     patient_id: PatientId
     care_giver_id: HsaId
@@ -45,10 +62,16 @@ class ListCertificatesForCare(Strict):
 
 
 class GetConsent(Strict):
+    """Whether the patient has given consent; `data = {"given": bool, "changed_at": time | null}`."""
+
     MESSAGE_TYPE: ClassVar[str] = "consent.get"
     patient_id: PatientId
 
 
 class ListRecipients(Strict):
+    """The configured recipients, optionally only those taking one certificate type; `data = {"recipients":
+    [{"id", "name", "certificate_types", "trusted", "active"}]}`.
+    """
+
     MESSAGE_TYPE: ClassVar[str] = "recipient.list"
     certificate_type: CertificateType | None = None

@@ -68,6 +68,31 @@ ERROR_IDS: dict[Code, ErrorId] = {
 }
 
 
+# What each code means to the sender (§3), published with the contract (`intygstjanst asyncapi`).
+MEANINGS: dict[Code, str] = {
+    Code.ALREADY_EXISTS: "register: the same id with the same patient and content is already stored",
+    Code.ALREADY_REVOKED: "revoke of a certificate that is already revoked",
+    Code.ALREADY_SENT: "send to a recipient the certificate was already sent to",
+    Code.NO_CHANGE: "nothing to do: archive an archived one, restore an available one, consent already in that "
+                    "state, care copy already removed",
+    Code.INVALID_MESSAGE: "not JSON, wrong shape, unknown field, missing message_id, unknown routing key; the "
+                          "message names the fields. The message is dead-lettered",
+    Code.INVALID_PERSONNUMMER: "the patient id is not a valid personnummer or samordningsnummer",
+    Code.UNKNOWN_CERTIFICATE_TYPE: "the certificate type is not in the configured type list",
+    Code.CONFLICT: "register: the id exists with another patient or other content",
+    Code.TEST_CERTIFICATE: "send of a test certificate",
+    Code.NOT_FOUND: "no such certificate, or not visible to this caller (which of the two is never revealed)",
+    Code.NO_CONSENT: "a citizen operation while the patient has not given consent",
+    Code.PURGED: "register of an id that was purged: a purged certificate never comes back",
+    Code.UNKNOWN_RECIPIENT: "the recipient is not configured or not active",
+    Code.RECIPIENT_REJECTS_TYPE: "the recipient does not take this certificate type",
+    Code.FORBIDDEN: "the publishing broker user's role may not send this message type",
+    Code.REVOKED: "send of a revoked certificate",
+    Code.UNAVAILABLE: "retries on a transient fault are exhausted; the message is in the dead-letter queue and "
+                      "may be resent later",
+}
+
+
 class Reply(Strict):
     result: Result
     error_id: ErrorId | None = None

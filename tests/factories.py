@@ -16,46 +16,26 @@ import uuid
 from typing import Any
 
 from domain.model import Certificate, StatusChange, fingerprint
-from service.testdata import personnummer  # noqa: F401  (re-exported: the tests make their patients with it)
+# The wire fixtures live beside the generator of the published contract's examples (docs/asyncapi.yaml), so that
+# those examples are these very values; re-exported here because the tests build their messages from them.
+from service.testdata import (  # noqa: F401
+    CARE_GIVER,
+    CARE_UNIT,
+    DOCUMENT,
+    PATIENT,
+    SIGNED_AT,
+    certificate_json,
+    issued_by,
+    personnummer,
+)
 
-PATIENT = PATIENT_ID = "191212121212"
+PATIENT_ID = PATIENT
 OTHER_PATIENT = "199001012385"
 THIRD_PATIENT = "201701102384"
 SAMORDNINGSNUMMER = "191212721219"
-CARE_GIVER = CARE_GIVER_ID = "SE2321000016-1000"
+CARE_GIVER_ID = CARE_GIVER
 OTHER_CARE_GIVER = "SE2321000016-2000"
-CARE_UNIT = CARE_UNIT_ID = "SE2321000016-1004"
-SIGNED_AT = dt.datetime(2026, 11, 25, 8, 30, tzinfo=dt.timezone.utc)
-
-DOCUMENT: dict[str, Any] = {"media_type": "application/xml", "encoding": "utf-8", "content": "<intyg>Åsa 🩺</intyg>"}
-
-
-def issued_by(care_giver_id: str = CARE_GIVER, care_unit_id: str = CARE_UNIT) -> dict[str, Any]:
-    return {"person_id": "SE2321000016-1003", "name": "Ajla Doktor",
-            "care_unit": {"id": care_unit_id, "name": "Vårdenhet 1"},
-            "care_giver": {"id": care_giver_id, "name": "Vårdgivare 1"}}
-
-
-_CERTIFICATE: dict[str, Any] = {
-    "id": "9f02dd2f-f57c-4c23-b4d0-3a7a6a1b9c11",
-    "type": "lisjp",
-    "type_version": "1.3",
-    "patient_id": PATIENT,
-    "signed_at": "2026-11-25T09:30:00+01:00",
-    "valid_from": "2026-11-25",
-    "valid_to": "2026-12-24",
-    "issued_by": issued_by(),
-    "test_certificate": False,
-    "relations": [],
-    "document": DOCUMENT,
-}
-
-
-def certificate_json(**overrides: Any) -> dict[str, Any]:
-    """A valid CONTRACT §4 `Certificate`; top-level fields replaced by `overrides`."""
-    certificate = copy.deepcopy(_CERTIFICATE)
-    certificate.update(copy.deepcopy(overrides))
-    return certificate
+CARE_UNIT_ID = CARE_UNIT
 
 
 def certificate(*, id: str | None = None, type: str = "lisjp", patient_id: str = PATIENT,
