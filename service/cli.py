@@ -155,6 +155,37 @@ def schema(
 
 
 @app.command()
+def asyncapi(
+    fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+    out: Annotated[Path | None, typer.Option("--out", help="Write to FILE instead of standard output.",
+                                             metavar="FILE")] = None,
+) -> None:
+    """Write the contract as an AsyncAPI 3.0 document, generated from the models and the declared topology.
+
+    `intygstjanst asyncapi --out docs/asyncapi.yaml` regenerates the committed copy.
+    """
+    from service import asyncapi as a
+
+    if fmt not in a.FORMATS:
+        _usage_error(f"--format must be one of {', '.join(a.FORMATS)}, not {fmt!r}")
+    text = a.render(a.document(), fmt)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as error:
+        _usage_error(f"cannot write {out}: {error.strerror or error}")
+    typer.echo(f"wrote {out}", err=True)
+
+
+def _usage_error(message: str) -> None:
+    """One line on standard error and exit code 2, like any other bad argument."""
+    typer.echo(f"intygstjanst: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
 def demo(
     seed: Annotated[int | None, typer.Option(help="Seed for the made-up patient, to repeat a run.")] = None,
 ) -> None:
