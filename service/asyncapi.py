@@ -366,7 +366,7 @@ class _Builder:
                 messages[message_id] = _ref(f"#/components/messages/{message_id}")
                 self._send(channel_id, message_id, "delivery",
                            f"Published on `{EVENTS_EXCHANGE}` with routing key `{routing_key}`.", routing_key)
-        bound = "; ".join(f"bound to `{b.split(': ', 1)[0]}` with `{b.split(': ', 1)[1]}`" for b in bindings)
+        bound = "; ".join(_bound(b) for b in bindings)
         what = f"Dead letters of `{source.name}`." if source else ""
         channel: dict[str, Any] = {
             "address": name,
@@ -442,6 +442,11 @@ class _Builder:
             "examples": [example],
         }
         return message_id
+
+
+def _bound(binding: str) -> str:
+    exchange, key = binding.split(": ", 1)
+    return f"bound to `{exchange}`" + (f" with `{key}`" if key else "")
 
 
 def _per_recipient(recipient_ids: list[str]) -> str:

@@ -66,6 +66,7 @@ def _example_values() -> dict[str, Any]:
         "care_unit_ids": [CARE_UNIT],
         "person_id": issuer["person_id"],
         "name": issuer["name"],
+        "person_name": issuer["name"],
         "recipient_id": "FKASSA",
         "event_id": "5b0d6c1e-3f7a-4d4e-9a51-2f6c0e8b7d21",
         "request_id": "care-system-4711",

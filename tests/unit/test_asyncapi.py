@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import pytest
 import yaml
@@ -19,14 +19,16 @@ from jsonschema.exceptions import ValidationError
 from pydantic import BaseModel
 
 from consumers.pipeline import Envelope, Invalid, parse
-from consumers.routes import ROUTES
+from consumers.routes import CITIZEN, OPERATOR, ROUTES, Route
+from contracts.base import CertificateId, HsaId, Name, PatientId, Strict, Timestamp
+from contracts.events import Event
 from contracts.registry import EVENTS
 from contracts.replies import MEANINGS, Code
 from contracts.topology import recipient_routing_key
 from service import asyncapi
 from service.settings import Settings
 from service.testdata import wire_example
-from service.topology import planned
+from service.topology import QUORUM, DeclaredQueue, planned
 
 from .harness import policy
 
@@ -69,33 +71,31 @@ def test_the_committed_document_is_what_the_code_generates(doc):
                     f"it with `{REGENERATE}` and commit the change so that reviewers see it.\n{diff}")
 
 
-def test_the_official_asyncapi_parser_accepts_the_document(doc, tmp_path):
+def _parser(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Runs the official parser (scripts/asyncapi/validate.cjs) on a document; skips only without Node.js."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("no Node.js on this machine: the official AsyncAPI parser (@asyncapi/parser) cannot run")
     assert (NODE_MODULES / "@asyncapi" / "parser").is_dir(), (
         "the AsyncAPI parser is not installed: run scripts/asyncapi/install (scripts/test does it)")
-    generated = tmp_path / "asyncapi.yaml"
-    generated.write_text(asyncapi.render(doc, "yaml"), encoding="utf-8")
-    run = subprocess.run([node, str(ROOT / "scripts" / "asyncapi" / "validate.cjs"), str(generated)],
-                         env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
-                         capture_output=True, text=True, timeout=120)
+    path = tmp_path / "asyncapi.yaml"
+    path.write_text(text, encoding="utf-8")
+    return subprocess.run([node, str(ROOT / "scripts" / "asyncapi" / "validate.cjs"), str(path)],
+                          env={**os.environ, "NODE_PATH": str(NODE_MODULES)}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_official_asyncapi_parser_accepts_the_document(doc, tmp_path):
+    run = _parser(asyncapi.render(doc, "yaml"), tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "valid AsyncAPI 3.0.0" in run.stdout
 
 
 def test_a_broken_document_is_refused_by_the_parser(doc, tmp_path):
     """The check above can fail: a binding the AMQP binding schema does not know is an error."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("no Node.js on this machine: the official AsyncAPI parser (@asyncapi/parser) cannot run")
     broken = json.loads(json.dumps(doc))
     broken["channels"]["certificate.register"]["bindings"]["amqp"]["exchange"]["type"] = "round-robin"
-    path = tmp_path / "broken.json"
-    path.write_text(json.dumps(broken), encoding="utf-8")
-    run = subprocess.run([node, str(ROOT / "scripts" / "asyncapi" / "validate.cjs"), str(path)],
-                         env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
-                         capture_output=True, text=True, timeout=120)
+    run = _parser(json.dumps(broken), tmp_path)
     assert run.returncode == 1
     assert "channels.certificate.register.bindings.amqp" in run.stdout
 
@@ -187,6 +187,57 @@ def test_a_message_without_an_example_value_is_named_not_published():
 
 def test_yaml_and_json_are_the_same_document(doc):
     assert yaml.safe_load(asyncapi.render(doc, "yaml")) == json.loads(asyncapi.render(doc, "json")) == doc
+
+
+class AccessLogged(Event):
+    ROUTING_KEY: ClassVar[str] = "access.logged"
+    at: Timestamp
+    action: Literal["READ", "LIST"]
+    certificate_id: CertificateId
+    patient_id: PatientId
+    person_id: HsaId
+    person_name: Name
+    care_unit_id: HsaId
+
+
+class ListAccessLog(Strict):
+    MESSAGE_TYPE: ClassVar[str] = "access-log.list"
+    patient_id: PatientId
+
+
+def test_what_the_code_declares_next_is_published_with_no_change_to_the_generator(monkeypatch, tmp_path):
+    """Contract v1.1's alternate exchange and access log, declared the way the code declares everything else,
+    appear in the document by themselves: a fanout exchange and its queue, that queue's dead letters, an event
+    collected by a queue of its own (not a broadcast), and a new query."""
+    monkeypatch.setitem(EVENTS, AccessLogged.ROUTING_KEY, AccessLogged)
+    monkeypatch.setitem(ROUTES, ListAccessLog.MESSAGE_TYPE,
+                        Route(ListAccessLog, lambda *_: None, frozenset({CITIZEN, OPERATOR}), query=True))
+    declared = asyncapi.planned
+
+    def planned_with_more(settings):
+        summary = declared(settings)
+        summary.exchanges.append(("intyg.unrouted", "fanout"))
+        next(q for q in summary.queues if q.name == "intyg.query").bindings.append("intyg.commands: access-log.list")
+        summary.queues += [DeclaredQueue("intyg.unrouted", "quorum", "service", ["intyg.unrouted: "], QUORUM),
+                           DeclaredQueue("intyg.unrouted.dlq", "quorum", "dlq", [], QUORUM),
+                           DeclaredQueue("intyg.access-log", "quorum", "access-log", ["intyg.events: access.logged"],
+                                         QUORUM)]
+        return summary
+
+    monkeypatch.setattr(asyncapi, "planned", planned_with_more)
+    doc = asyncapi.document()
+
+    unrouted = doc["channels"]["intyg.unrouted"]
+    assert unrouted["bindings"]["amqp"]["x-intyg-bindings"] == ["intyg.unrouted: "]
+    assert unrouted["description"].startswith("Durable quorum queue `intyg.unrouted`, bound to `intyg.unrouted`.")
+    assert list(doc["channels"]["intyg.unrouted.dlq"]["messages"]) == ["intyg.unrouted.dead-letter"]
+    assert list(doc["channels"]["intyg.access-log"]["messages"]) == ["access.logged"]
+    assert doc["operations"]["access.logged"]["bindings"]["amqp"]["cc"] == ["access.logged"]
+    assert "access.logged" not in doc["channels"]
+    assert doc["operations"]["access-log.list"]["action"] == "receive"
+    assert doc["components"]["messages"]["access.logged"]["examples"][0]["payload"]["person_name"]
+    run = _parser(json.dumps(doc), tmp_path)
+    assert run.returncode == 0, run.stdout
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
