@@ -32,7 +32,7 @@ from contracts.certificate import StoredCertificate
 from contracts.properties import DeadLetterHeaders, EventProperties, ReplyProperties, RequestProperties
 from contracts.registry import EVENTS
 from contracts.replies import ERROR_IDS, INFO_CODES, MEANINGS, Code, ErrorId, Reply, Result
-from contracts.topology import EVENTS_EXCHANGE, dlq
+from contracts.topology import CONSUMED_QUEUES, EVENTS_EXCHANGE, dlq
 from service.settings import Settings
 from service.testdata import EXAMPLE_VALUES, SIGNED_AT, wire_example
 from service.topology import DeclaredQueue, Summary, planned
@@ -44,6 +44,12 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 RECIPIENT = "recipientId"  # the channel parameter that stands for every configured recipient
 SCHEMAS = "#/components/schemas/"
 FORMATS = ("yaml", "json")
+REPLY = {  # AsyncAPI 3's request/reply: the address is the request's reply_to
+    "address": {"description": "The request's reply_to, on the default exchange.",
+                "location": "$message.header#/reply_to"},
+    "channel": {"$ref": "#/channels/reply"},
+    "messages": [{"$ref": "#/channels/reply/messages/reply"}],
+}
 
 ROLES = {
     CARE: "A broker user that `ROLES` maps to `care` (a care system), optionally limited to some care givers.",
@@ -74,7 +80,11 @@ def render(doc: dict[str, Any], fmt: str) -> str:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Text of several lines as a literal block, so that a change of a description reads as one in review."""
+    """Text of several lines as a literal block, so that a change of a description reads as one in review; no
+    anchors and aliases for values that happen to be shared."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 _Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
@@ -114,7 +124,7 @@ class _Builder:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topology: Summary = planned(settings)
-        self.exchange_types = dict(self.topology.exchanges)
+        self.exchanges = {e.name: e for e in self.topology.exchanges}
         self.recipient_ids = [r.id for r in settings.recipients]
         self.channels: dict[str, Any] = {}
         self.operations: dict[str, Any] = {}
@@ -271,11 +281,12 @@ class _Builder:
         self.channels[key] = {
             "address": key,
             "title": key,
-            "description": f"Publish to exchange `{exchange}` with routing key `{key}`. {lands}",
+            "description": f"Publish to exchange `{exchange}` with routing key `{key}`. {lands}"
+                           + self._declare_note(exchange),
             "messages": {key: _ref(f"#/components/messages/{key}")},
-            "bindings": _binding(is_="routingKey", exchange=self._exchange(exchange),
-                                 **{"x-intyg-queue": {"name": queue.name, "type": queue.kind, "durable": True,
-                                                      "deadLetterQueue": dead_letters}}),
+            "bindings": self._exchange_binding(exchange, **{"x-intyg-queue": {
+                "name": queue.name, "type": queue.kind, "durable": True, "deadLetterQueue": dead_letters,
+                "arguments": queue.arguments}}),
         }
         self.operations[key] = {
             "action": "receive",
@@ -288,16 +299,25 @@ class _Builder:
             "tags": [_ref(f"#/components/tags/{name}") for name in (kind, *sorted(route.roles))],
             "bindings": _binding(ack=True),
             "messages": [_ref(f"#/channels/{key}/messages/{key}")],
-            "reply": {
-                "address": {"description": "The request's reply_to, on the default exchange.",
-                            "location": "$message.header#/reply_to"},
-                "channel": _ref("#/channels/reply"),
-                "messages": [_ref("#/channels/reply/messages/reply")],
-            },
+            "reply": REPLY,
         }
 
     def _exchange(self, name: str) -> dict[str, Any]:
-        return {"name": name, "type": self.exchange_types[name], "durable": True, "autoDelete": False}
+        return {"name": name, "type": self.exchanges[name].kind, "durable": True, "autoDelete": False}
+
+    def _exchange_binding(self, name: str, **extensions: Any) -> dict[str, Any]:
+        """A routing-key channel's binding; the exchange's declared arguments as `x-intyg-exchange-arguments`."""
+        arguments = self.exchanges[name].arguments
+        extra = {"x-intyg-exchange-arguments": arguments} if arguments else {}
+        return _binding(is_="routingKey", exchange=self._exchange(name), **extra, **extensions)
+
+    def _declare_note(self, name: str) -> str:
+        arguments = self.exchanges[name].arguments
+        if not arguments:
+            return ""
+        listed = ", ".join(f"`{k} = {v}`" for k, v in arguments.items())
+        return (f" The service declares `{name}` with {listed}: a client that declares it must pass the same, or "
+                "declare it passively.")
 
     # --- events ----------------------------------------------------------------------------------------------
 
@@ -330,7 +350,7 @@ class _Builder:
                            "such as `certificate.#`). Broadcast events carry no patient id and no document; the "
                            "events of one certificate are published in the order they happened.",
             "messages": {message_id: _ref(f"#/components/messages/{message_id}")},
-            "bindings": _binding(is_="routingKey", exchange=self._exchange(EVENTS_EXCHANGE)),
+            "bindings": self._exchange_binding(EVENTS_EXCHANGE),
         }
         self.operations[key] = {
             "action": "send",
@@ -366,7 +386,7 @@ class _Builder:
                 messages[message_id] = _ref(f"#/components/messages/{message_id}")
                 self._send(channel_id, message_id, "delivery",
                            f"Published on `{EVENTS_EXCHANGE}` with routing key `{routing_key}`.", routing_key)
-        bound = "; ".join(_bound(b) for b in bindings)
+        bound = "; ".join(self._bound(b) for b in bindings)
         what = f"Dead letters of `{source.name}`." if source else ""
         channel: dict[str, Any] = {
             "address": name,
@@ -377,13 +397,35 @@ class _Builder:
             "messages": messages,
             "bindings": _binding(is_="queue", queue={"name": name, "durable": True, "exclusive": False,
                                                      "autoDelete": False},
-                                 **{"x-intyg-queue-type": queue.kind, "x-intyg-bindings": bindings}),
+                                 **{"x-intyg-queue-type": queue.kind, "x-intyg-queue-arguments": queue.arguments,
+                                    "x-intyg-bindings": bindings}),
         }
         if per_recipient:
             channel["parameters"] = {RECIPIENT: {"description": "A configured recipient's id.",
                                                  "examples": self.recipient_ids}}
         self.channels[channel_id] = channel
+        if queue.name in CONSUMED_QUEUES:
+            self._consumed(channel_id, messages)
         return collected
+
+    def _consumed(self, channel_id: str, messages: dict[str, Any]) -> None:
+        """The service consumes this queue itself and answers what it finds there."""
+        self.operations[f"{channel_id}.receive"] = {
+            "action": "receive",
+            "channel": _ref(f"#/channels/{channel_id}"),
+            "title": channel_id,
+            "description": "The service consumes this queue and answers each message (when `reply_to` is set), "
+                           "then dead-letters it.",
+            "bindings": _binding(ack=True),
+            "messages": [_ref(f"#/channels/{channel_id}/messages/{m}") for m in messages],
+            "reply": REPLY,
+        }
+
+    def _bound(self, binding: str) -> str:
+        exchange, key = binding.split(": ", 1)
+        alternate_of = [e.name for e in self.exchanges.values() if e.arguments.get("alternate-exchange") == exchange]
+        return f"bound to `{exchange}`" + (f" with `{key}`" if key else "") + "".join(
+            f" (what `{name}` cannot route)" for name in alternate_of)
 
     def _parametrised(self, text: str) -> str:
         """A recipient queue's name or binding, with the recipient's id as the channel parameter."""
@@ -394,7 +436,7 @@ class _Builder:
         exchange, pattern = binding.split(": ", 1)
         if exchange != EVENTS_EXCHANGE:
             return False
-        kind = self.exchange_types.get(exchange)
+        kind = self.exchanges[exchange].kind
         return kind == "fanout" or (kind == "topic" and topic_matches(pattern, routing_key)) or pattern == routing_key
 
     def _send(self, channel_id: str, message_id: str, kind: str, description: str, routing_key: str | None) -> None:
@@ -442,11 +484,6 @@ class _Builder:
             "examples": [example],
         }
         return message_id
-
-
-def _bound(binding: str) -> str:
-    exchange, key = binding.split(": ", 1)
-    return f"bound to `{exchange}`" + (f" with `{key}`" if key else "")
 
 
 def _per_recipient(recipient_ids: list[str]) -> str:

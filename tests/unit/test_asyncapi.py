@@ -24,7 +24,7 @@ from contracts.base import CertificateId, HsaId, Name, PatientId, Strict, Timest
 from contracts.events import Event
 from contracts.registry import EVENTS
 from contracts.replies import MEANINGS, Code
-from contracts.topology import recipient_routing_key
+from contracts.topology import COMMANDS_EXCHANGE, CONSUMED_QUEUES, UNROUTED, dlq, recipient_routing_key
 from service import asyncapi
 from service.settings import Settings
 from service.testdata import wire_example
@@ -41,6 +41,10 @@ REGENERATE = "intygstjanst asyncapi --out docs/asyncapi.yaml"
 @pytest.fixture(scope="module")
 def doc() -> dict[str, Any]:
     return asyncapi.document()
+
+
+def _channel_of(doc: dict[str, Any], operation: dict[str, Any]) -> dict[str, Any]:
+    return doc["channels"][operation["channel"]["$ref"].rsplit("/", 1)[1]]
 
 
 def _parameter_values(channel: dict[str, Any]) -> dict[str, list[str]]:
@@ -118,7 +122,7 @@ def test_every_event_the_service_can_publish_appears_in_the_document(doc):
     for operation in doc["operations"].values():
         if operation["action"] != "send":
             continue
-        channel = doc["channels"][operation["channel"]["$ref"].rsplit("/", 1)[1]]
+        channel = _channel_of(doc, operation)
         values = _parameter_values(channel)
         keys = operation["bindings"]["amqp"].get("cc") or (
             [channel["address"]] if channel["bindings"]["amqp"]["is"] == "routingKey" else [])
@@ -140,6 +144,24 @@ def test_every_message_type_is_received_with_a_reply_and_the_roles_that_may_send
         assert operation["reply"]["address"]["location"] == "$message.header#/reply_to"
         assert doc["components"]["messages"][key]["payload"] == {"$ref": f"#/components/schemas/"
                                                                           f"{route.model.__name__}"}
+
+
+def test_every_queue_the_service_consumes_is_received_and_answered(doc):
+    received: set[str] = set()
+    for operation in doc["operations"].values():
+        if operation["action"] == "receive" and operation["reply"] == asyncapi.REPLY:
+            channel = _channel_of(doc, operation)
+            amqp = channel["bindings"]["amqp"]
+            received.add(amqp["x-intyg-queue"]["name"] if amqp["is"] == "routingKey" else channel["address"])
+    assert set(CONSUMED_QUEUES) - received == set()
+
+
+def test_messages_of_an_unknown_type_are_described_where_they_go(doc):
+    unrouted = doc["channels"][UNROUTED]
+    assert unrouted["description"].endswith(f"bound to `{UNROUTED}` (what `{COMMANDS_EXCHANGE}` cannot route).")
+    assert list(doc["channels"][dlq(UNROUTED)]["messages"]) == [f"{UNROUTED}.dead-letter"]
+    commands = doc["channels"]["certificate.register"]["bindings"]["amqp"]
+    assert commands["x-intyg-exchange-arguments"] == {"alternate-exchange": UNROUTED}
 
 
 def test_every_reply_code_is_published_with_its_meaning(doc):
@@ -206,9 +228,8 @@ class ListAccessLog(Strict):
 
 
 def test_what_the_code_declares_next_is_published_with_no_change_to_the_generator(monkeypatch, tmp_path):
-    """Contract v1.1's alternate exchange and access log, declared the way the code declares everything else,
-    appear in the document by themselves: a fanout exchange and its queue, that queue's dead letters, an event
-    collected by a queue of its own (not a broadcast), and a new query."""
+    """Contract v1.1's access log, declared the way the code declares everything else, appears in the document
+    by itself: an event collected by a queue of its own (not a broadcast), and a new query."""
     monkeypatch.setitem(EVENTS, AccessLogged.ROUTING_KEY, AccessLogged)
     monkeypatch.setitem(ROUTES, ListAccessLog.MESSAGE_TYPE,
                         Route(ListAccessLog, lambda *_: None, frozenset({CITIZEN, OPERATOR}), query=True))
@@ -216,21 +237,14 @@ def test_what_the_code_declares_next_is_published_with_no_change_to_the_generato
 
     def planned_with_more(settings):
         summary = declared(settings)
-        summary.exchanges.append(("intyg.unrouted", "fanout"))
         next(q for q in summary.queues if q.name == "intyg.query").bindings.append("intyg.commands: access-log.list")
-        summary.queues += [DeclaredQueue("intyg.unrouted", "quorum", "service", ["intyg.unrouted: "], QUORUM),
-                           DeclaredQueue("intyg.unrouted.dlq", "quorum", "dlq", [], QUORUM),
-                           DeclaredQueue("intyg.access-log", "quorum", "access-log", ["intyg.events: access.logged"],
-                                         QUORUM)]
+        summary.queues.append(DeclaredQueue("intyg.access-log", "quorum", "access-log",
+                                            ["intyg.events: access.logged"], QUORUM))
         return summary
 
     monkeypatch.setattr(asyncapi, "planned", planned_with_more)
     doc = asyncapi.document()
 
-    unrouted = doc["channels"]["intyg.unrouted"]
-    assert unrouted["bindings"]["amqp"]["x-intyg-bindings"] == ["intyg.unrouted: "]
-    assert unrouted["description"].startswith("Durable quorum queue `intyg.unrouted`, bound to `intyg.unrouted`.")
-    assert list(doc["channels"]["intyg.unrouted.dlq"]["messages"]) == ["intyg.unrouted.dead-letter"]
     assert list(doc["channels"]["intyg.access-log"]["messages"]) == ["access.logged"]
     assert doc["operations"]["access.logged"]["bindings"]["amqp"]["cc"] == ["access.logged"]
     assert "access.logged" not in doc["channels"]
