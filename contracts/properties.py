@@ -17,6 +17,7 @@ from contracts.topology import (
     H_FIRST_ATTEMPT_AT,
     H_ORIGINAL_ROUTING_KEY,
     H_ORIGINAL_USER_ID,
+    H_SIGNATURE,
 )
 
 MESSAGE_ID_MAX_LENGTH = 128
@@ -77,3 +78,6 @@ class DeadLetterHeaders(Properties):
     original_user_id: str | None = Field(None, alias=H_ORIGINAL_USER_ID,
                                          description="The broker user that sent it; trusted only when an "
                                                      "operator replays the dead letter.")
+    signature: str | None = Field(None, alias=H_SIGNATURE,
+                                  description="The service's signature over its own bookkeeping headers, so that "
+                                              "bookkeeping it did not write is recognised.")

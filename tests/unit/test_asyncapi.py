@@ -24,6 +24,7 @@ from contracts.base import CertificateId, HsaId, Name, PatientId, Strict, Timest
 from contracts.events import Event
 from contracts.registry import EVENTS
 from contracts.replies import MEANINGS, Code
+from contracts import topology as topology_names
 from contracts.topology import COMMANDS_EXCHANGE, CONSUMED_QUEUES, UNROUTED, dlq, recipient_routing_key
 from service import asyncapi
 from service.settings import Settings
@@ -162,6 +163,12 @@ def test_messages_of_an_unknown_type_are_described_where_they_go(doc):
     assert list(doc["channels"][dlq(UNROUTED)]["messages"]) == [f"{UNROUTED}.dead-letter"]
     commands = doc["channels"]["certificate.register"]["bindings"]["amqp"]
     assert commands["x-intyg-exchange-arguments"] == {"alternate-exchange": UNROUTED}
+
+
+def test_every_header_the_service_sets_is_described_on_its_dead_letters(doc):
+    named = {value for name, value in vars(topology_names).items() if name.startswith("H_")}
+    described = set(doc["components"]["schemas"]["DeadLetterHeaders"]["properties"])
+    assert named - described == set()
 
 
 def test_every_reply_code_is_published_with_its_meaning(doc):
