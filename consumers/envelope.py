@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consumers import retry
+from contracts.properties import MESSAGE_ID_MAX_LENGTH as MAX_MESSAGE_ID
+from contracts.properties import SHORT_TEXT_MAX_LENGTH as MAX_SHORT_TEXT
 from contracts.topology import CLIENT_HEADERS_KEPT, OWN_QUEUE_PREFIXES
-
-MAX_MESSAGE_ID = 128
-MAX_SHORT_TEXT = 255  # an AMQP short string
 MAX_TRACE_HEADER = 512
 _TRACE_TEXT = re.compile(r"[\x20-\x7e]*")  # W3C trace context is printable ASCII
 

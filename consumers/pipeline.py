@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from contracts.properties import MESSAGE_ID_MAX_LENGTH
 from contracts.replies import Code, Reply
 from contracts.topology import EVENTS_EXCHANGE
 from consumers.context import Caller, Context, Handled
@@ -72,8 +73,8 @@ class Processed:
 def parse(envelope: Envelope, policy: Policy) -> Parsed:
     if envelope.problem:
         raise Invalid(Code.INVALID_MESSAGE, envelope.problem)
-    if not envelope.message_id or len(envelope.message_id) > 128:
-        raise Invalid(Code.INVALID_MESSAGE, "message_id is required (1-128 characters)")
+    if not envelope.message_id or len(envelope.message_id) > MESSAGE_ID_MAX_LENGTH:
+        raise Invalid(Code.INVALID_MESSAGE, f"message_id is required (1-{MESSAGE_ID_MAX_LENGTH} characters)")
     route = ROUTES.get(envelope.routing_key)
     if route is None:
         raise Invalid(Code.INVALID_MESSAGE, f"unknown routing key {quoted(envelope.routing_key)}")

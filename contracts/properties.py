@@ -18,9 +18,11 @@ from contracts.topology import (
     H_ORIGINAL_ROUTING_KEY,
     H_ORIGINAL_USER_ID,
     H_SIGNATURE,
+    OWN_QUEUE_PREFIXES,
 )
 
 MESSAGE_ID_MAX_LENGTH = 128
+SHORT_TEXT_MAX_LENGTH = 255  # an AMQP short string
 JSON = "application/json"
 
 
@@ -31,19 +33,24 @@ class Properties(BaseModel):
 
 
 class RequestProperties(Properties):
-    """AMQP properties of a command or query sent to the service."""
+    """AMQP properties of a command or query sent to the service: UTF-8 text without NUL, or the message is
+    INVALID_MESSAGE."""
 
     message_id: str = Field(min_length=1, max_length=MESSAGE_ID_MAX_LENGTH,
                             description="Required. The service applies each message_id at most once: a message "
                                         "with a message_id already handled gets the same reply again and causes "
                                         "nothing else.")
-    reply_to: str | None = Field(None, description="Where the reply goes (default exchange, this routing key; "
-                                                   "amq.rabbitmq.reply-to works). Optional for commands, required "
-                                                   "for queries.")
-    correlation_id: str | None = Field(None, description="Copied to the reply; when absent the reply carries the "
-                                                         "request's message_id.")
+    reply_to: str | None = Field(None, max_length=SHORT_TEXT_MAX_LENGTH,
+                                 description="Where the reply goes (default exchange, this routing key; "
+                                             "amq.rabbitmq.reply-to works). Optional for commands, required for "
+                                             "queries. Never a queue whose name starts with "
+                                             + " or ".join(f"`{p}`" for p in OWN_QUEUE_PREFIXES) + ".")
+    correlation_id: str | None = Field(None, max_length=SHORT_TEXT_MAX_LENGTH,
+                                       description="Copied to the reply; when absent the reply carries the "
+                                                   "request's message_id.")
     content_type: Literal["application/json"] | None = Field(None, description="Absent means JSON.")
-    type: str | None = Field(None, description="When present it must equal the routing key.")
+    type: str | None = Field(None, max_length=SHORT_TEXT_MAX_LENGTH,
+                             description="When present it must equal the routing key.")
     user_id: str | None = Field(None, description="The publishing broker user (RabbitMQ checks it); its role "
                                                   "decides what it may send when roles are enforced.")
 

@@ -32,7 +32,7 @@ from contracts.certificate import StoredCertificate
 from contracts.properties import DeadLetterHeaders, EventProperties, ReplyProperties, RequestProperties
 from contracts.registry import EVENTS
 from contracts.replies import ERROR_IDS, INFO_CODES, MEANINGS, Code, ErrorId, Reply, Result
-from contracts.topology import CONSUMED_QUEUES, EVENTS_EXCHANGE, dlq
+from contracts.topology import CLIENT_HEADERS_KEPT, CONSUMED_QUEUES, EVENTS_EXCHANGE, dlq
 from service.settings import Settings
 from service.testdata import EXAMPLE_VALUES, SIGNED_AT, wire_example
 from service.topology import DeclaredQueue, Summary, planned
@@ -476,8 +476,10 @@ class _Builder:
             "summary": f"A message `{source.name}` could not handle, with why.",
             "description": "Invalid messages are dead-lettered at once (after their INVALID_MESSAGE reply); "
                            "transient faults after the retries (UNAVAILABLE). Body, properties and message_id "
-                           "are kept; `intygstjanst dlq replay` republishes it to its original routing key, and "
-                           "the message_id rule makes sure nothing is applied twice.",
+                           "are kept; of the sender's headers only "
+                           + ", ".join(f"`{h}`" for h in CLIENT_HEADERS_KEPT) + ". `intygstjanst dlq replay` "
+                           "republishes it to its original routing key, and the message_id rule makes sure nothing "
+                           "is applied twice.",
             "contentType": JSON,
             "headers": self.schema_ref[DeadLetterHeaders],
             "payload": payload,
