@@ -27,14 +27,6 @@ const html = `<!DOCTYPE html>
 <script>${bundle.replace(/<\/script/gi, '<\\/script')}</script>
 <script>
 AsyncApiStandalone.render({ schema: ${inline(text)}, config: ${inline(config)} }, document.getElementById('asyncapi'));
-// The page is drawn after it loads, too late for the browser to follow a link to #operation-...: follow it here.
-const target = decodeURIComponent(location.hash.slice(1));
-const since = Date.now();
-const follow = target && setInterval(() => {
-  const element = document.getElementById(target);
-  if (element || Date.now() - since > 10000) clearInterval(follow);
-  if (element) element.scrollIntoView();
-}, 100);
 </script>
 </body>
 </html>
