@@ -92,8 +92,7 @@ class Reader:
                 routing_key, user_id = signed.routing_key, signed.user_id
         elif signed is not None:
             origin_user = signed.user_id  # counts only when an operator replays it (pipeline.authorize)
-        elif retry.has_bookkeeping(headers):
-            problems.append("x-intyg-* headers are the service's own and were not written by it")
+        # Any other x-intyg-* header is a client's: never read (§2), and never copied (`kept_client_headers`).
 
         envelope = Envelope(routing_key=routing_key, body=delivery.body, message_id=message_id, reply_to=reply_to,
                             correlation_id=correlation_id, type=kind, user_id=user_id, content_type=content_type,

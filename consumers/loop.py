@@ -324,7 +324,11 @@ class Consumer(threading.Thread):
         headers = retry.dead_letter_headers(envelope.trace, envelope.message_id, item.past, envelope.routing_key,
                                             user_id=envelope.user_id, code=code, error=error, now=now,
                                             signer=self.signer)
-        self._publisher.copy(self.dlq, item.delivery.body, copy_properties(envelope, headers))
+        properties = copy_properties(envelope, headers)
+        raw_id = item.delivery.properties.message_id
+        if envelope.message_id is None and isinstance(raw_id, (str, bytes)):
+            properties.message_id = raw_id  # §8: a dead letter keeps its message_id, even one the service refused
+        self._publisher.copy(self.dlq, item.delivery.body, properties)
         self.metrics.dead_lettered(self.dlq, code)
 
     def _log(self, item: Item, settlement: outcome.Settlement) -> None:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from contracts.topology import (
-    SERVICE_HEADER_PREFIX,
     H_ATTEMPTS,
     H_DEAD_LETTERED_AT,
     H_ERROR,
@@ -140,10 +139,6 @@ def _canonical(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return "" if value is None else str(value)
-
-
-def has_bookkeeping(headers: Mapping[str, Any]) -> bool:
-    return any(isinstance(k, str) and k.startswith(SERVICE_HEADER_PREFIX) for k in headers)
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,8 @@ SERVICE_QUEUES: dict[str, tuple[str, ...]] = {
 # Every queue the service consumes: the service queues, and the unrouted queue (answered INVALID_MESSAGE).
 CONSUMED_QUEUES: tuple[str, ...] = (*SERVICE_QUEUES, UNROUTED)
 
-# Headers the service puts on dead letters and retries (CONTRACT.md §8). A client's headers with this prefix are
-# never read and never copied (§2).
-SERVICE_HEADER_PREFIX = "x-intyg-"
+# Headers the service puts on dead letters and retries (CONTRACT.md §8). A client's x-intyg-* headers are never
+# read and never copied (§2).
 H_ERROR_CODE = "x-intyg-error-code"
 H_ERROR = "x-intyg-error"
 H_ATTEMPTS = "x-intyg-attempts"
