@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import secrets
 from typing import Any
 
 try:
@@ -109,3 +110,23 @@ def check_dead_letter(letter: Msg, *, code: str, routing_key: str, error_contain
     at = dt.datetime.fromisoformat(text(headers["x-intyg-dead-lettered-at"]).replace("Z", "+00:00"))
     assert abs((dt.datetime.now(dt.UTC) - at).total_seconds()) < 120
     return headers
+
+
+def new_broker_users(broker_users: Any, prefix: str, roles: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """One new broker user per role, with no rights yet: role -> (user name, password)."""
+    accounts = {role: (broker_users.unique(f"{prefix}-{role}"), secrets.token_hex(8)) for role in roles}
+    for user, password in accounts.values():
+        broker_users.add(user, password)
+    return accounts
+
+
+def grant_users(stack: Any, accounts: dict[str, tuple[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
+    """Give each user access to the stack's vhost: (role -> user name, role -> AMQP URL)."""
+    return ({role: user for role, (user, _) in accounts.items()},
+            {role: stack.grant(user, password) for role, (user, password) in accounts.items()})
+
+
+def broker_users_for(broker_users: Any, stack: Any, prefix: str,
+                     roles: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """One broker user per role, with access to the stack's vhost: (role -> user name, role -> AMQP URL)."""
+    return grant_users(stack, new_broker_users(broker_users, prefix, roles))

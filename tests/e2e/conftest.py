@@ -6,10 +6,12 @@ queues, recipient queues and tables hold only what the test did), and starts the
   default) and wait until it consumes. At teardown every process still running is stopped with SIGTERM and must
   exit 0; when the test failed, the tail of every service log is printed.
 - `wire`: a `harness.Wire` on the test's vhost (commands, replies, an `intyg.events` tap, queues).
+- `module_stack`, `module_launch`: the same for a whole module that shares one running service.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,24 +68,36 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     setattr(item, f"rep_{report.when}", report)
 
 
-@pytest.fixture
-def stack(_rabbitmq_broker, _postgres_server_url) -> Iterator[Stack]:
+@contextmanager
+def _new_stack(broker: Any, postgres_server_url: str) -> Iterator[Stack]:
     suffix = services.run_id()
     vhost = f"intyg-e2e-{suffix}"
-    broker = _rabbitmq_broker
     broker.admin.add_vhost(vhost)
     database = f"intyg_e2e_{suffix}"
     try:
         broker.admin.grant_all(vhost, broker.target.user)
         amqp_url = broker.target.url(vhost=vhost)
         services.wait_for_vhost(amqp_url)
-        database_url = services.create_database(_postgres_server_url, database)
+        database_url = services.create_database(postgres_server_url, database)
         yield Stack(amqp_url, database_url, vhost, broker)
     finally:
         try:
-            services.drop_database(_postgres_server_url, database)
+            services.drop_database(postgres_server_url, database)
         finally:
             broker.admin.delete_vhost(vhost)
+
+
+@pytest.fixture
+def stack(_rabbitmq_broker, _postgres_server_url) -> Iterator[Stack]:
+    with _new_stack(_rabbitmq_broker, _postgres_server_url) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def module_stack(_rabbitmq_broker, _postgres_server_url) -> Iterator[Stack]:
+    """One vhost and database for every test of a module (for a service the whole module shares)."""
+    with _new_stack(_rabbitmq_broker, _postgres_server_url) as s:
+        yield s
 
 
 class Launcher:
@@ -102,18 +116,16 @@ class Launcher:
         return process.start(ready=ready)
 
 
-@pytest.fixture
-def launch(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Launcher]:
-    launcher = Launcher(stack, tmp_path)
-    yield launcher
+def _stop_all(launcher: Launcher, *, show_logs: bool) -> None:
+    """SIGTERM every process still running (each must exit 0); print the tail of every log when asked or when one
+    did not stop cleanly."""
     problems = []
     for n, process in enumerate(launcher.processes, 1):
         if process.running:
             code = process.terminate()
             if code != 0:
                 problems.append(f"service #{n} exited with {code} after SIGTERM")
-    report = getattr(request.node, "rep_call", None)
-    if problems or report is None or report.failed:
+    if problems or show_logs:
         for n, process in enumerate(launcher.processes, 1):
             lines = process.log_text().splitlines()
             print(f"\n===== service #{n} log ({process.log_path}, exit {process.returncode}, "
@@ -121,6 +133,23 @@ def launch(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> Iter
             print("\n".join(lines[-300:]))
     if problems:
         pytest.fail("; ".join(problems))
+
+
+@pytest.fixture
+def launch(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Launcher]:
+    launcher = Launcher(stack, tmp_path)
+    yield launcher
+    report = getattr(request.node, "rep_call", None)
+    _stop_all(launcher, show_logs=report is None or report.failed)
+
+
+@pytest.fixture(scope="module")
+def module_launch(module_stack: Stack, tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> Iterator[Launcher]:
+    launcher = Launcher(module_stack, tmp_path_factory.mktemp("service"))
+    failed_before = request.session.testsfailed
+    yield launcher
+    _stop_all(launcher, show_logs=request.session.testsfailed > failed_before)
 
 
 @pytest.fixture

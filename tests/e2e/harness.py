@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -14,12 +15,14 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pika
+import pika.data
 import psycopg
 
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
@@ -56,6 +59,12 @@ def service_env(**settings: Any) -> dict[str, str]:
 def cli(*args: str) -> list[str]:
     """`intygstjanst ARGS` with this interpreter (works whether or not the console script is on PATH)."""
     return [sys.executable, "-m", "service.cli", *args]
+
+
+def dlq_cli(amqp_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`intygstjanst dlq ARGS` as the broker user of `amqp_url`."""
+    return subprocess.run(cli("dlq", *args), cwd=REPO, env=service_env(AMQP_URL=amqp_url), capture_output=True,
+                          text=True, timeout=60)
 
 
 class ServiceProcess:
@@ -106,6 +115,11 @@ class ServiceProcess:
             except ValueError:
                 continue
         return out
+
+    def consumer_restarts(self) -> list[dict[str, Any]]:
+        """Log lines of a consumer whose session ended (a bug in the loop or a lost channel) and started again."""
+        return [line for line in self.log_lines()
+                if line.get("event") == "consumer failed" or "reconnecting" in str(line.get("event", ""))]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -282,9 +296,32 @@ class Wire:
     def ready(self, queue: str) -> int:
         return self.channel.queue_declare(queue, passive=True).method.message_count
 
+    def consumers(self, queue: str) -> int:
+        """How many consumers the broker counts on `queue` now."""
+        return self.channel.queue_declare(queue, passive=True).method.consumer_count
+
     def close(self) -> None:
         if self.connection.is_open:
             self.connection.close()
+
+
+@contextmanager
+def amqp_doubles() -> Iterator[None]:
+    """Let pika encode Python floats in field tables as AMQP doubles (`d`), which other clients send and pika
+    decodes but refuses to encode: a hostile client is not limited to what pika writes."""
+    encode_value = pika.data.encode_value
+
+    def with_doubles(pieces: list[bytes], value: Any) -> int:
+        if isinstance(value, float):
+            pieces.append(struct.pack(">cd", b"d", value))
+            return 9
+        return encode_value(pieces, value)
+
+    pika.data.encode_value = with_doubles
+    try:
+        yield
+    finally:
+        pika.data.encode_value = encode_value
 
 
 # ------------------------------------------------------------------------------------------------------------------

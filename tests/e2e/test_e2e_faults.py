@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -13,11 +12,11 @@ import pytest
 
 try:
     from tests.e2e.common import certificate, check_dead_letter, check_reply
-    from tests.e2e.harness import REPO, Msg, cli, new_id, new_patient, service_env
+    from tests.e2e.harness import Msg, dlq_cli, new_id, new_patient
     from tests.proxy import TcpProxy
 except ImportError:  # tests/ itself on sys.path
     from e2e.common import certificate, check_dead_letter, check_reply
-    from e2e.harness import REPO, Msg, cli, new_id, new_patient, service_env
+    from e2e.harness import Msg, dlq_cli, new_id, new_patient
     from proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -26,11 +25,6 @@ pytestmark = pytest.mark.integration
 def _upstream(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname or "127.0.0.1", parts.port or (5672 if parts.scheme.startswith("amqp") else 5432)
-
-
-def _dlq_cli(stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cli("dlq", *args), cwd=REPO, env=service_env(AMQP_URL=stack.amqp_url),
-                          capture_output=True, text=True, timeout=60)
 
 
 def _distinct_events(wire, routing_key: str, certificate_id: str) -> set[str]:
@@ -133,7 +127,7 @@ def test_the_database_going_away_means_retries_then_unavailable_and_dlq_replay_a
             check_reply(wire, message_id, "ERROR", "UNAVAILABLE", timeout=20)
         wire.pump_until(lambda: wire.ready("intyg.registration.dlq") == 3 and wire.ready("intyg.consent.dlq") == 1,
                         10, "the dead letters")
-        shown = _dlq_cli(stack, "show", "intyg.registration", "--json")
+        shown = dlq_cli(stack.amqp_url, "show", "intyg.registration", "--json")
         assert shown.returncode == 0, shown.stderr
         letters = json.loads(shown.stdout)
         assert sorted(letter["message_id"] for letter in letters) == sorted(long_ids)
@@ -147,10 +141,10 @@ def test_the_database_going_away_means_retries_then_unavailable_and_dlq_replay_a
         # the database is back: replay them; each applies once and is answered again, now OK
         proxy.start()
         check_reply(wire, wire.send("consent.get", {"patient_id": p}), "OK", timeout=20)  # the service reads again
-        replayed = _dlq_cli(stack, "replay", "intyg.registration", "--all")
+        replayed = dlq_cli(stack.amqp_url, "replay", "intyg.registration", "--all")
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
         assert "replayed 3 of 3" in replayed.stdout
-        replayed = _dlq_cli(stack, "replay", "intyg.consent", "--id", consent)
+        replayed = dlq_cli(stack.amqp_url, "replay", "intyg.consent", "--id", consent)
         assert replayed.returncode == 0 and "replayed 1 of 1" in replayed.stdout
         for message_id in [*long_ids, consent]:
             wire.pump_until(lambda: len(wire.replies[message_id]) >= 2, 15, "the reply to the replay")

@@ -3,26 +3,20 @@ after the window it is answered NOT_FOUND and dead-lettered; `intygstjanst dlq r
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
 
 try:
     from tests.e2e.common import CG, certificate, check_dead_letter, check_event, check_reply, revoke_body
-    from tests.e2e.harness import REPO, Msg, cli, new_id, new_patient, service_env
+    from tests.e2e.harness import Msg, dlq_cli, new_id, new_patient
 except ImportError:  # tests/ itself on sys.path
     from e2e.common import CG, certificate, check_dead_letter, check_event, check_reply, revoke_body
-    from e2e.harness import REPO, Msg, cli, new_id, new_patient, service_env
+    from e2e.harness import Msg, dlq_cli, new_id, new_patient
 
 pytestmark = pytest.mark.integration
 
 REVOKE_WAIT_S = 2
-
-
-def _dlq_cli(stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cli("dlq", *args), cwd=REPO, env=service_env(AMQP_URL=stack.amqp_url),
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_a_revoke_that_overtakes_its_register_is_applied_when_the_register_arrives(launch, wire, stack):
@@ -59,7 +53,7 @@ def test_a_revoke_whose_register_never_comes_is_not_found_and_dead_lettered_and_
     assert time.monotonic() - started >= REVOKE_WAIT_S
 
     wire.pump_until(lambda: wire.ready("intyg.status.dlq") == 1, 10, "the dead letter")
-    shown = _dlq_cli(stack, "show", "intyg.status", "--json")
+    shown = dlq_cli(stack.amqp_url, "show", "intyg.status", "--json")
     assert shown.returncode == 0, shown.stderr
     [letter] = json.loads(shown.stdout)
     assert letter["message_id"] == revoke and letter["routing_key"] == "certificate.revoke"
@@ -69,7 +63,7 @@ def test_a_revoke_whose_register_never_comes_is_not_found_and_dead_lettered_and_
     assert headers["x-intyg-attempts"] >= 3 and headers["traceparent"] == traceparent
 
     check_reply(wire, wire.send("certificate.register", {"certificate": certificate(cid, p)}), "OK")
-    replayed = _dlq_cli(stack, "replay", "intyg.status", "--id", revoke)
+    replayed = dlq_cli(stack.amqp_url, "replay", "intyg.status", "--id", revoke)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert "replayed 1 of 1" in replayed.stdout
     wire.pump_until(lambda: len(wire.replies[revoke]) >= 2, 15, "the reply to the replayed revoke")
@@ -77,7 +71,7 @@ def test_a_revoke_whose_register_never_comes_is_not_found_and_dead_lettered_and_
     assert (applied["result"], applied["request_id"]) == ("OK", revoke), applied
 
     # once: a second replay finds nothing, a resend of the same message_id is answered the same and changes nothing
-    again = _dlq_cli(stack, "replay", "intyg.status", "--id", revoke)
+    again = dlq_cli(stack.amqp_url, "replay", "intyg.status", "--id", revoke)
     assert again.returncode == 1 and "not found" in again.stderr
     wire.send("certificate.revoke", revoke_body(cid, p), message_id=revoke)
     wire.pump_until(lambda: len(wire.replies[revoke]) >= 3, 15, "the reply to the resend")

@@ -3,8 +3,6 @@ portal, an operator); RabbitMQ checks the `user_id` property each publisher sets
 from __future__ import annotations
 
 import json
-import secrets
-import subprocess
 from collections import Counter
 
 import pika
@@ -12,28 +10,18 @@ import pytest
 from pika.exceptions import ChannelClosedByBroker
 
 try:
-    from tests.e2e.common import CG, CG2, CU2, certificate, check_reply, revoke_body
-    from tests.e2e.harness import REPO, Wire, cli, new_id, new_patient, service_env
+    from tests.e2e.common import CG, CG2, CU2, broker_users_for, certificate, check_reply, revoke_body
+    from tests.e2e.harness import Wire, dlq_cli, new_id, new_patient
 except ImportError:  # tests/ itself on sys.path
-    from e2e.common import CG, CG2, CU2, certificate, check_reply, revoke_body
-    from e2e.harness import REPO, Wire, cli, new_id, new_patient, service_env
+    from e2e.common import CG, CG2, CU2, broker_users_for, certificate, check_reply, revoke_body
+    from e2e.harness import Wire, dlq_cli, new_id, new_patient
 
 pytestmark = pytest.mark.integration
 
 
 
-def _broker_users(broker_users, stack, prefix: str, roles: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
-    """One broker user per role, with access to this test's vhost: (role -> user name, role -> AMQP URL)."""
-    users = {role: broker_users.unique(f"{prefix}-{role}") for role in roles}
-    urls = {}
-    for role, user in users.items():
-        password = secrets.token_hex(8)
-        broker_users.add(user, password)
-        urls[role] = stack.grant(user, password)
-    return users, urls
-
 def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch, wire, stack, broker_users):
-    users, urls = _broker_users(broker_users, stack, "e2e", ("care", "portal", "operator"))
+    users, urls = broker_users_for(broker_users, stack, "e2e", ("care", "portal", "operator"))
     launch(ENFORCE_ROLES="true", ROLES={users["care"]: {"role": "care", "care_giver_ids": [CG]},
                                         users["portal"]: {"role": "citizen-portal"},
                                         users["operator"]: {"role": "operator"}})
@@ -111,7 +99,7 @@ def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch,
 
 
 def test_an_operators_dlq_replay_acts_for_the_original_sender(launch, wire, stack, broker_users):
-    users, urls = _broker_users(broker_users, stack, "e2e-replay", ("care", "operator"))
+    users, urls = broker_users_for(broker_users, stack, "e2e-replay", ("care", "operator"))
     launch(ENFORCE_ROLES="true", ROLES={users["care"]: {"role": "care", "care_giver_ids": [CG]},
                                         users["operator"]: {"role": "operator"}},
            REVOKE_WAIT_S="1", RETRY_DELAYS_S="[0.3]")
@@ -136,9 +124,7 @@ def test_an_operators_dlq_replay_acts_for_the_original_sender(launch, wire, stac
                                            "x-intyg-original-routing-key": "certificate.revoke",
                                            "x-intyg-attempts": 5}))
         wire.pump_until(lambda: wire.ready("intyg.status.dlq") == 2, 10, "the two dead letters")
-        replay = subprocess.run(cli("dlq", "replay", "intyg.status", "--all"), cwd=REPO,
-                                env=service_env(AMQP_URL=urls["operator"]), capture_output=True, text=True,
-                                timeout=60)
+        replay = dlq_cli(urls["operator"], "replay", "intyg.status", "--all")
         assert replay.returncode == 0 and "replayed 2 of 2" in replay.stdout, replay.stdout + replay.stderr
         # the signed one acts as the care user, who may not touch CG2's certificate (not as the operator) ...
         care.pump_until(lambda: len(care.replies[revoke]) >= 2, 15, "the reply to the replayed revoke")
