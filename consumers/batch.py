@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,13 @@ class Item:
     fault: BaseException | None = None
     ms: float = 0.0
     committed: bool = False  # its effects are committed (so it must not run again in this delivery)
+    span: Any = None  # the span of its handling, when tracing is on (`consumers.tracing`)
+    trace: Mapping[str, str] | None = None  # the span's trace context: what its replies and events carry
+
+    @property
+    def outgoing_trace(self) -> Mapping[str, str]:
+        """The trace context of what the message produces: its span's, else the one it came with."""
+        return self.envelope.trace if self.trace is None else self.trace
 
     @property
     def message_id(self) -> str | None:
@@ -57,7 +64,7 @@ class Item:
     def parse(self, policy: pipeline.Policy) -> None:
         started = time.perf_counter()
         try:
-            self.parsed = pipeline.parse(self.envelope, policy)
+            self.parsed = pipeline.parse(self.envelope, policy, self.outgoing_trace)
         except Invalid as invalid:
             self.invalid = invalid
         except Exception as exc:  # noqa: BLE001 - a bug in parsing: settled like any fault of this message

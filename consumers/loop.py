@@ -30,7 +30,7 @@ import pika
 import structlog
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
-from consumers import batch, outcome, pipeline, retry
+from consumers import batch, outcome, pipeline, retry, tracing
 from consumers.batch import Item
 from consumers.envelope import Delivery, Reader
 from consumers.metrics import NO_METRICS, LoopMetrics
@@ -85,7 +85,7 @@ class Consumer(threading.Thread):
     def __init__(self, queue: str, settings: Any, engine: Any, *, relay: Any = None,
                  declare: Callable[[Any], Any] | None = None, policy: pipeline.Policy | None = None,
                  clock: Callable[[], dt.datetime] | None = None, index: int = 0,
-                 metrics: LoopMetrics = NO_METRICS) -> None:
+                 metrics: LoopMetrics = NO_METRICS, tracer: Any = None) -> None:
         super().__init__(name=f"consumer-{queue}-{index}", daemon=True)
         if queue not in CONSUMED_QUEUES:
             raise ValueError(f"not a consumed queue: {queue}")
@@ -101,6 +101,7 @@ class Consumer(threading.Thread):
             queue=queue, **({"consumer": index} if index else {}))
         self.index = index
         self.metrics = metrics
+        self.tracer = tracer  # an opentelemetry Tracer when tracing is on; None: no spans, no attributes built
         self.own_user = pika.URLParameters(settings.amqp_url).credentials.username
         self.signer = retry.Signer(settings.signing_key)
         self.reader = Reader(queue, self.own_user, self.signer)
@@ -233,19 +234,28 @@ class Consumer(threading.Thread):
 
     def _handle(self, deliveries: Sequence[Delivery]) -> None:
         now = self.clock()
-        items = [self._item(d, now) for d in deliveries]
-        new_uow = lambda: SqlUnitOfWork(self.engine)  # noqa: E731
-        self.metrics.batch(self.queue, len(items))
-        batch.apply(items, new_uow, self.policy, now, lambda reason: self.metrics.transaction_retry(self.queue, reason))
-        self._committed(items)
-        for item in items:
-            if item.processed is not None and item.processed.more and item.fault is None:
-                batch.continue_bulk(item, new_uow, self.policy, self.clock, self._keepalive, self._committed)
-        self._settle(items, now)
+        items = [self._item(d, now, len(deliveries)) for d in deliveries]
+        try:
+            new_uow = lambda: SqlUnitOfWork(self.engine)  # noqa: E731
+            self.metrics.batch(self.queue, len(items))
+            batch.apply(items, new_uow, self.policy, now,
+                        lambda reason: self.metrics.transaction_retry(self.queue, reason))
+            self._committed(items)
+            for item in items:
+                if item.processed is not None and item.processed.more and item.fault is None:
+                    batch.continue_bulk(item, new_uow, self.policy, self.clock, self._keepalive, self._committed)
+            self._settle(items, now)
+        finally:
+            for item in items:  # not settled (the session broke): the broker redelivers, a new span follows
+                if item.span is not None:
+                    tracing.finish(item.span, "REDELIVERED", failed=True)
 
-    def _item(self, delivery: Delivery, now: dt.datetime) -> Item:
+    def _item(self, delivery: Delivery, now: dt.datetime, batch_size: int) -> Item:
         envelope, past = self.reader.read(delivery, now)
         item = Item(delivery, envelope, past)
+        if self.tracer is not None:
+            item.span = tracing.start(self.tracer, self.queue, delivery, envelope, batch_size)
+            item.trace = tracing.headers(item.span)
         if self.queue == UNROUTED:  # §1: whatever arrives here has a type no service queue takes
             item.invalid = Invalid(Code.INVALID_MESSAGE, f"unknown message type {pipeline.quoted(envelope.routing_key)}")
         elif envelope.problem is None and envelope.routing_key not in SERVICE_QUEUES[self.queue]:
@@ -280,25 +290,35 @@ class Consumer(threading.Thread):
         """Publish what settles `item`; True when it may be acknowledged. A failure of this message alone never
         reaches the rest of the batch: it is requeued (the topology may be missing a queue: declared again) or
         rejected to the broker's dead-letter target; only a broken connection ends the session."""
+        span, item.span = item.span, None
+        with tracing.current(span):
+            settled, what, failed = self._publish_settlement(item, now)
+        if span is not None:
+            tracing.finish(span, what, failed=failed)
+        return settled
+
+    def _publish_settlement(self, item: Item, now: dt.datetime) -> tuple[bool, str, bool]:
+        """(whether it may be acknowledged, its outcome, whether that is a failure rather than an answer)."""
         try:
             settlement = outcome.decide(item, self.settings, now, self.dlq)
             if settlement.reply is not None:
                 envelope = item.envelope
                 self._publisher.reply(envelope.reply_to, settlement.reply,
-                                      correlation_id=envelope.reply_correlation_id)
+                                      correlation_id=envelope.reply_correlation_id, headers=item.outgoing_trace)
             if settlement.retry is not None:
                 self._retry(item, settlement)
             if settlement.dead_letter:
                 self._dead_letter(item, settlement, now)
             self._log(item, settlement)
             self._count(item, settlement.outcome)
-            return True
+            return True, settlement.outcome, settlement.dead_letter or settlement.retry is not None
         except (UnroutableError, NackError) as exc:
             self.log.error("could not publish what settles a message; requeueing it", message_id=item.message_id,
                            error=type(exc).__name__)
             self._redeclare = True
             self._channel.basic_nack(delivery_tag=item.delivery.tag, requeue=True)
             self._count(item, "REQUEUED")
+            return False, "REQUEUED", True
         except AMQPError:
             raise  # the connection or channel is gone: the broker redelivers the batch
         except Exception as exc:  # noqa: BLE001 - this message alone: the broker dead-letters it
@@ -307,7 +327,7 @@ class Consumer(threading.Thread):
             self._channel.basic_reject(delivery_tag=item.delivery.tag, requeue=False)
             self._count(item, "REJECTED")
             self.metrics.dead_lettered(self.dlq, "REJECTED")
-        return False
+            return False, "REJECTED", True
 
     def _count(self, item: Item, outcome: str) -> None:
         self.metrics.settled(self.queue, item.envelope.routing_key, outcome, item.ms / 1000)
@@ -367,9 +387,10 @@ def consumer_count(queue: str, settings: Any) -> int:
 
 
 def make_consumers(settings: Any, engine: Any, *, relay: Any = None, queues: Sequence[str] | None = None,
-                   declare: Callable[[Any], Any] | None = None, metrics: LoopMetrics = NO_METRICS) -> list[Consumer]:
+                   declare: Callable[[Any], Any] | None = None, metrics: LoopMetrics = NO_METRICS,
+                   tracer: Any = None) -> list[Consumer]:
     """The consumer threads (not started) for `queues` (default: every consumed queue)."""
-    return [Consumer(q, settings, engine, relay=relay, declare=declare, index=i, metrics=metrics)
+    return [Consumer(q, settings, engine, relay=relay, declare=declare, index=i, metrics=metrics, tracer=tracer)
             for q in (queues or CONSUMED_QUEUES) for i in range(consumer_count(q, settings))]
 
 

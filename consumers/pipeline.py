@@ -55,6 +55,7 @@ class Parsed:
     envelope: Envelope
     route: Route
     message: BaseModel
+    trace: Mapping[str, str] = field(default_factory=dict)  # the trace context its reply and events carry
 
     @property
     def message_id(self) -> str:
@@ -70,7 +71,8 @@ class Processed:
     more: bool = False
 
 
-def parse(envelope: Envelope, policy: Policy) -> Parsed:
+def parse(envelope: Envelope, policy: Policy, trace: Mapping[str, str] | None = None) -> Parsed:
+    """`trace`: the trace context of the message's handling (default: the one it came with)."""
     if envelope.problem:
         raise Invalid(Code.INVALID_MESSAGE, envelope.problem)
     if not envelope.message_id or len(envelope.message_id) > MESSAGE_ID_MAX_LENGTH:
@@ -94,7 +96,7 @@ def parse(envelope: Envelope, policy: Policy) -> Parsed:
         message = route.model.model_validate_json(envelope.body, strict=True)
     except ValidationError as error:
         raise _invalid(error) from None
-    return Parsed(envelope, route, message)
+    return Parsed(envelope, route, message, envelope.trace if trace is None else trace)
 
 
 def quoted(value: str) -> str:
@@ -157,11 +159,11 @@ def process(parsed: Parsed, uow: Any, policy: Policy, now: dt.datetime | None = 
             raise RetryLater(reply) from None
         handled = Handled(reply)
     if handled.more:
-        uow.outbox.add(_event_messages(handled))
+        uow.outbox.add(_event_messages(handled, parsed.trace))
         return Processed(None, "IN_PROGRESS", more=True)
     assert handled.reply is not None
     uow.inbox.add(parsed.message_id, parsed.envelope.routing_key, handled.reply.model_dump(mode="json"))
-    return _answer(parsed, uow, handled.reply, _event_messages(handled), _outcome(handled.reply))
+    return _answer(parsed, uow, handled.reply, _event_messages(handled, parsed.trace), _outcome(handled.reply))
 
 
 def _query(parsed: Parsed, uow: Any, ctx: Context) -> Processed:
@@ -177,22 +179,22 @@ def _query(parsed: Parsed, uow: Any, ctx: Context) -> Processed:
 def _answer(parsed: Parsed, uow: Any, reply: Reply, events: list[OutboxMessage], outcome: str) -> Processed:
     messages = list(events)
     if parsed.envelope.reply_to:
-        messages.append(reply_message(parsed.envelope, reply))
+        messages.append(reply_message(parsed.envelope, reply, parsed.trace))
     if messages:
         uow.outbox.add(messages)
     return Processed(reply, outcome)
 
 
-def reply_message(envelope: Envelope, reply: Reply) -> OutboxMessage:
+def reply_message(envelope: Envelope, reply: Reply, trace: Mapping[str, str]) -> OutboxMessage:
     assert envelope.reply_to is not None
     return OutboxMessage(kind="reply", exchange="", routing_key=envelope.reply_to,
                          message_id=f"reply-{reply.request_id}", correlation_id=envelope.reply_correlation_id,
-                         body=reply.model_dump_json().encode())
+                         body=reply.model_dump_json().encode(), headers=trace)
 
 
-def _event_messages(handled: Handled) -> list[OutboxMessage]:
+def _event_messages(handled: Handled, trace: Mapping[str, str]) -> list[OutboxMessage]:
     return [OutboxMessage(kind="event", exchange=EVENTS_EXCHANGE, routing_key=e.type, message_id=e.event_id,
-                          body=e.model_dump_json().encode()) for e in handled.events]
+                          body=e.model_dump_json().encode(), headers=trace) for e in handled.events]
 
 
 def _outcome(reply: Reply) -> str:

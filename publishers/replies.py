@@ -29,11 +29,13 @@ class DirectPublisher:
         self.channel = channel
         channel.confirm_delivery()
 
-    def reply(self, reply_to: str, reply: Reply, *, correlation_id: str | None) -> None:
-        """A reply to the default exchange with `reply_to` as routing key (works with amq.rabbitmq.reply-to)."""
+    def reply(self, reply_to: str, reply: Reply, *, correlation_id: str | None,
+              headers: Mapping[str, Any] | None = None) -> None:
+        """A reply to the default exchange with `reply_to` as routing key (works with amq.rabbitmq.reply-to);
+        `headers`: the trace context of the handling it answers."""
         self.message(OutboxMessage(kind="reply", exchange="", routing_key=reply_to,
                                    message_id=f"reply-{reply.request_id}", correlation_id=correlation_id,
-                                   body=reply.model_dump_json().encode()))
+                                   body=reply.model_dump_json().encode(), headers=headers or {}))
 
     def message(self, message: OutboxMessage) -> None:
         """An outbox-shaped message (as `pipeline.reply_message` builds one), published at once."""

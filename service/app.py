@@ -26,7 +26,7 @@ from pika.exceptions import AMQPConnectionError
 from consumers.loop import Backoff, Consumer, consumer_count, make_consumers
 from consumers.metrics import NO_METRICS, LoopMetrics
 from contracts.topology import CONSUMED_QUEUES
-from service import topology
+from service import topology, tracing
 from service.logging import get_logger
 from storage import migrate
 from storage.engine import make_engine
@@ -39,7 +39,9 @@ class StartupAborted(RuntimeError):
 
 class Service:
     def __init__(self, settings: Any, *, consumers: bool = True, relay: bool = True,
-                 queues: Sequence[str] | None = None, migrate_db: bool = True) -> None:
+                 queues: Sequence[str] | None = None, migrate_db: bool = True, tracer_provider: Any = None) -> None:
+        """`tracer_provider`: an OpenTelemetry SDK TracerProvider (default: from the `OTEL_*` environment, see
+        `service.tracing`; none there means no tracing)."""
         if not consumers and not relay:
             raise ValueError("nothing to run: neither consumers nor relay")
         self.settings = settings
@@ -57,6 +59,8 @@ class Service:
         self._stop = threading.Event()
         self._stopped = False
         self._listener: Any = None
+        self._tracer_provider = tracer_provider
+        self._own_tracer_provider = False  # made here, so shut down here
 
     # -- start ---------------------------------------------------------------------------------------------------
 
@@ -88,7 +92,7 @@ class Service:
         if self.with_consumers:
             declare: Callable[[Any], Any] = lambda channel: topology.declare(channel, settings)  # noqa: E731
             self.consumers = make_consumers(settings, self.engine, relay=self.relay, queues=self.queues,
-                                            declare=declare, metrics=self.metrics)
+                                            declare=declare, metrics=self.metrics, tracer=self._tracer())
             for consumer in self.consumers:
                 consumer.start()
             deadline = time.monotonic() + ready_timeout
@@ -97,6 +101,12 @@ class Service:
                     self.log.warning("consumer not consuming yet; it keeps trying", queue=consumer.queue)
         self.log.info("service started", queues=self.queues if self.with_consumers else [],
                       relay=self.with_relay, batch_size=settings.batch_size, prefetch=settings.prefetch)
+
+    def _tracer(self) -> Any:
+        if self._tracer_provider is None:
+            self._tracer_provider = tracing.provider_from_env()
+            self._own_tracer_provider = self._tracer_provider is not None
+        return self._tracer_provider.get_tracer(tracing.TRACER_NAME) if self._tracer_provider else None
 
     def _patiently(self, what: str, action: Callable[[], Any], worth_waiting: Callable[[BaseException], bool]) -> Any:
         backoff = Backoff(cap_s=self.settings.reconnect_max_s)
@@ -136,6 +146,8 @@ class Service:
             self.engine.dispose()
         if self.probes is not None:
             self.probes.stop()
+        if self._own_tracer_provider:
+            tracing.shutdown(self._tracer_provider)
         self.log.info("service stopped")
 
     def request_stop(self) -> None:

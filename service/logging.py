@@ -13,6 +13,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 
 from domain.privacy import patient_hash, scrub, set_salt
 
@@ -74,6 +75,16 @@ def _add_logger_name(logger: Any, _name: str, event_dict: MutableMapping[str, An
     return event_dict
 
 
+def add_trace_ids(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the ids of the active span, when there is one (a message being handled with tracing
+    on); costs one context lookup when there is none."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict["trace_id"] = format(context.trace_id, "032x")
+        event_dict["span_id"] = format(context.span_id, "016x")
+    return event_dict
+
+
 _handler: logging.StreamHandler | None = None
 
 
@@ -91,6 +102,7 @@ def configure(level: str = "INFO", *, salt: str | None = None, stream: Any = Non
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_ids,
     ]
     # Plain-text tracebacks (dict tracebacks would show local variables: personnummer).
     tail: list[Any] = [structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info,

@@ -47,7 +47,7 @@ SERVICE_ENV_KEYS = {"AMQP_URL", "DATABASE_URL", "CERTIFICATE_TYPES", "RECIPIENTS
 
 
 def service_env(**settings: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.upper() not in SERVICE_ENV_KEYS}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in SERVICE_ENV_KEYS and not k.startswith("OTEL_")}
     env["PYTHONUNBUFFERED"] = "1"
     for key, value in settings.items():
         if value is None:

@@ -85,7 +85,7 @@ class Recorder:
         self.rejected.append((delivery_tag, requeue))
 
     # publisher
-    def reply(self, reply_to: str, reply: Any, *, correlation_id: str | None) -> None:
+    def reply(self, reply_to: str, reply: Any, *, correlation_id: str | None, headers: Any = None) -> None:
         self.replies.append((correlation_id or "", reply))
         self.reply_tos.append(reply_to)
 
