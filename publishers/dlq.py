@@ -4,6 +4,15 @@ Every function works through `basic_get` without auto-ack and holds the messages
 until it is done, so it never sees one message twice and always terminates: it handles at most the number of
 messages the queue held when it started. Messages it does not remove are given back with `basic_nack(requeue=True)`.
 
+What an operator sees of a dead letter is masked (`mask`): the body's shape and the few fields that identify no
+one (certificate id, recipient, message type), never a personnummer, a name or a medical document; the raw body
+is in `DeadLetter.body` for whoever explicitly asks for it (and logs that they did).
+
+A dead letter comes either from the service (`x-intyg-error-code` says why) or from the broker itself, after a
+message exceeded its queue's delivery limit (then only the broker's `x-death` / `x-first-death-reason` say why):
+`DeadLetter.code` names both kinds, `broker:<reason>` for the latter, so that they can be grouped and selected
+alike.
+
 Browsing is therefore not free: a message that was looked at (by `peek`, or skipped by `replay`/`purge`) is
 requeued, which sets its `redelivered` flag (and, on a quorum queue, counts as a delivery attempt), and while a
 function runs the messages it holds are invisible to other consumers of the queue.
@@ -11,8 +20,9 @@ function runs the messages it holds are invisible to other consumers of the queu
 from __future__ import annotations
 
 import datetime as dt
-import re
+import json
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +30,11 @@ from typing import Any
 import pika
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 
+from domain.privacy import scrub
+from consumers.retry import rfc3339  # naive times are UTC: so is the broker's x-death time as pika gives it
 from contracts.topology import (
     COMMANDS_EXCHANGE, CONSUMED_QUEUES, H_ATTEMPTS, H_DEAD_LETTERED_AT, H_ERROR, H_ERROR_CODE,
-    H_ORIGINAL_ROUTING_KEY, dlq,
+    H_ORIGINAL_ROUTING_KEY, H_ORIGINAL_USER_ID, dlq,
 )
 
 # What a replay removes: why it was dead-lettered (the replay is a new attempt), and the broker's own headers
@@ -32,9 +44,13 @@ from contracts.topology import (
 # The service starts a replay's retries afresh whatever its attempts say.
 REPLAY_DROPS = frozenset({H_ERROR_CODE, H_ERROR, H_DEAD_LETTERED_AT, "x-delivery-count", "x-death",
                           "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason"})
-PREVIEW_CHARS = 200
-# A personnummer or samordningsnummer anywhere in a preview (YYYYMMDD[-+]NNNN, or the 10-digit form).
-_PERSONNUMMER = re.compile(r"(?<!\d)(?:\d{2})?\d{6}[-+]?\d{4}(?!\d)")
+# Body fields whose values identify no person and tell an operator what a message was about; every other value
+# (patient, names, HSA ids, consent, free text such as a revoke's reason, the document) is masked. A value of
+# these that looks like a personnummer anywhere (`domain.privacy.scrub`) is masked too.
+UNMASKED_FIELDS = frozenset({"certificate_id", "id", "type", "type_version", "certificate_type", "recipient_id",
+                             "sent_by", "test_certificate"})
+MASK = "***"
+BROKER_CODE_PREFIX = "broker:"
 
 Progress = Callable[[int, int], None]  # (messages handled, messages to handle)
 
@@ -44,23 +60,102 @@ class DeadLetter:
     queue: str
     message_id: str | None
     routing_key: str | None  # the original routing key (what a replay publishes with)
-    error_code: str | None
+    error_code: str | None  # the service's reason; None when the broker dead-lettered it
     error: str | None
     attempts: int | None
     dead_lettered_at: str | None
-    body_preview: str
-    body_size: int
+    body: bytes = field(repr=False)  # personal data: shown only on explicit request (`mask` otherwise)
     content_type: str | None = None
     user_id: str | None = None
     redelivered: bool = False
     headers: dict[str, Any] = field(default_factory=dict)
+    broker_reason: str | None = None  # why the broker dead-lettered it (`delivery_limit`, `rejected`, ...)
+
+    @property
+    def code(self) -> str:
+        """Why it is here, as dead letters are grouped and selected: the service's error code, or
+        `broker:<reason>` for one the broker dead-lettered."""
+        if self.error_code:
+            return self.error_code
+        return BROKER_CODE_PREFIX + (self.broker_reason or "unknown")
+
+    @property
+    def sender(self) -> str | None:
+        """Who sent the message: the service's bookkeeping names the original sender, else its `user_id`."""
+        return _text(self.headers.get(H_ORIGINAL_USER_ID)) or self.user_id
+
+    @property
+    def by_broker(self) -> bool:
+        return not self.error_code
+
+    @property
+    def when(self) -> dt.datetime | None:
+        return parse_time(self.dead_lettered_at)
+
+    def masked_body(self) -> str:
+        return mask(self.body)
+
+    def as_json(self, *, reveal: bool = False) -> dict[str, Any]:
+        """For tools; the body masked unless `reveal` (the caller logs that it revealed it)."""
+        shown = {"body": self.body.decode("utf-8", errors="replace")} if reveal else {
+            "body_masked": self.masked_body()}
+        return {"queue": self.queue, "message_id": self.message_id, "routing_key": self.routing_key,
+                "code": self.code, "error_code": self.error_code, "error": self.error,
+                "dead_lettered_by": "broker" if self.by_broker else "service", "broker_reason": self.broker_reason,
+                "attempts": self.attempts, "dead_lettered_at": self.dead_lettered_at,
+                "body_size": len(self.body), **shown, "content_type": self.content_type, "user_id": self.user_id, "sender": self.sender,
+                "redelivered": self.redelivered, "headers": _jsonable(self.headers)}
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which dead letters a command acts on: any of `codes` (None: any), dead-lettered in [since, until)."""
+
+    codes: frozenset[str] | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.codes) or self.since is not None or self.until is not None
+
+    def matches(self, letter: DeadLetter) -> bool:
+        if self.codes and letter.code not in self.codes:
+            return False
+        if self.since is None and self.until is None:
+            return True
+        when = letter.when
+        if when is None:  # no time to compare: not selected by a time window
+            return False
+        return (self.since is None or when >= self.since) and (self.until is None or when < self.until)
+
+
+@dataclass
+class Group:
+    """Dead letters of one queue that failed for the same reason (as ServicePulse groups failures)."""
+
+    queue: str
+    code: str
+    count: int = 0
+    oldest: str | None = None
+    newest: str | None = None
+    types: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # the reasons given, most common first
+
+    def add(self, letter: DeadLetter) -> None:
+        self.count += 1
+        self.types[letter.routing_key or "?"] += 1
+        self.errors[letter.error or (f"dead-lettered by the broker ({letter.broker_reason})" if letter.by_broker
+                                     else "?")] += 1
+        when = letter.when
+        if when is not None:
+            stamp = rfc3339(when)
+            self.oldest = stamp if self.oldest is None or stamp < self.oldest else self.oldest
+            self.newest = stamp if self.newest is None or stamp > self.newest else self.newest
 
     def as_json(self) -> dict[str, Any]:
-        return {"queue": self.queue, "message_id": self.message_id, "routing_key": self.routing_key,
-                "error_code": self.error_code, "error": self.error, "attempts": self.attempts,
-                "dead_lettered_at": self.dead_lettered_at, "body_size": self.body_size,
-                "body_preview": self.body_preview, "content_type": self.content_type, "user_id": self.user_id,
-                "redelivered": self.redelivered, "headers": _jsonable(self.headers)}
+        return {"queue": self.queue, "code": self.code, "count": self.count, "oldest": self.oldest,
+                "newest": self.newest, "types": dict(self.types.most_common()),
+                "errors": dict(self.errors.most_common())}
 
 
 @dataclass
@@ -124,23 +219,68 @@ def list_dlqs(channel: Any) -> list[tuple[str, int | None]]:
 
 def dead_letter(queue: str, properties: Any, body: bytes, redelivered: bool = False) -> DeadLetter:
     headers = dict(properties.headers or {})
-    attempts = headers.get(H_ATTEMPTS)
-    try:
-        attempts = int(attempts) if attempts is not None else None
-    except (TypeError, ValueError):
-        attempts = None
+    error_code = _text(headers.get(H_ERROR_CODE))
+    death = _first_death(headers)
+    broker_reason = None if error_code else (_text(headers.get("x-first-death-reason")) or
+                                             _text(death.get("reason")) or None)
+    dead_lettered_at = _text(headers.get(H_DEAD_LETTERED_AT))
+    if dead_lettered_at is None and isinstance(death.get("time"), dt.datetime):
+        dead_lettered_at = rfc3339(death["time"])
     return DeadLetter(
         queue=queue, message_id=properties.message_id, routing_key=original_routing_key(properties),
-        error_code=_text(headers.get(H_ERROR_CODE)), error=_text(headers.get(H_ERROR)), attempts=attempts,
-        dead_lettered_at=_text(headers.get(H_DEAD_LETTERED_AT)), body_preview=preview(body), body_size=len(body),
-        content_type=properties.content_type, user_id=properties.user_id, redelivered=redelivered, headers=headers)
+        error_code=error_code, error=_text(headers.get(H_ERROR)), attempts=_int(headers.get(H_ATTEMPTS)),
+        dead_lettered_at=dead_lettered_at, body=body, content_type=properties.content_type,
+        user_id=properties.user_id, redelivered=redelivered, headers=headers, broker_reason=broker_reason)
 
 
-def preview(body: bytes, chars: int = PREVIEW_CHARS) -> str:
-    """The start of the body as text, personnummer masked: it is for an operator's screen, not for the logs."""
-    text = body[: chars * 4].decode("utf-8", errors="replace")
-    text = _PERSONNUMMER.sub(lambda m: "*" * len(m.group(0)), text)
-    return text if len(text) <= chars else text[:chars] + "…"
+def _first_death(headers: dict[str, Any]) -> dict[str, Any]:
+    """The broker's record of when it first dead-lettered the message (`x-death` lists the latest first)."""
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[-1], dict):
+        return deaths[-1]
+    return {}
+
+
+def mask(body: bytes) -> str:
+    """The body as an operator may see it without asking: its JSON shape, with every value masked but those of
+    `UNMASKED_FIELDS` (and any personnummer-like number even there)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return f"({len(body)} bytes, not JSON)"
+    return json.dumps(_masked(parsed, None), ensure_ascii=False, separators=(", ", ": "))
+
+
+def _masked(value: Any, key: str | None) -> Any:
+    if isinstance(value, dict):
+        return {k: _masked(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, key) for v in value]
+    if value is None:
+        return None
+    if key in UNMASKED_FIELDS and isinstance(value, (str, bool, int, float)):
+        return MASK if isinstance(value, str) and scrub(value) != value else value
+    return MASK
+
+
+def summarize(letters: Iterable[DeadLetter]) -> list[Group]:
+    """The dead letters grouped by queue and `code`, the largest group first."""
+    groups: dict[tuple[str, str], Group] = {}
+    for letter in letters:
+        key = (letter.queue, letter.code)
+        groups.setdefault(key, Group(*key)).add(letter)
+    return sorted(groups.values(), key=lambda g: (-g.count, g.queue, g.code))
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    """An RFC 3339 time (as the service writes it) as an aware datetime; a time without offset is UTC."""
+    if not value:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def original_routing_key(properties: Any) -> str | None:
@@ -155,9 +295,11 @@ def original_routing_key(properties: Any) -> str | None:
     return None
 
 
-def peek(channel: Any, queue: str, limit: int = 20) -> list[DeadLetter]:
-    """The first `limit` dead letters of `queue`, left in the queue (requeued: see the module docstring)."""
-    total = min(limit, message_count(channel, queue))
+def peek(channel: Any, queue: str, limit: int | None = 20) -> list[DeadLetter]:
+    """The first `limit` (None: all) dead letters of `queue`, left in the queue (requeued: see the module
+    docstring)."""
+    count = message_count(channel, queue)
+    total = count if limit is None else min(limit, count)
     letters: list[DeadLetter] = []
     last_tag = None
     try:
@@ -192,10 +334,11 @@ def replay_properties(properties: Any, publisher: str | None) -> pika.BasicPrope
 
 
 def replay(channel: Any, queue: str, message_ids: Collection[str] | None = None, *, dry_run: bool = False,
-           progress_cb: Progress | None = None, publisher: str | None = None) -> ReplayResult:
+           progress_cb: Progress | None = None, publisher: str | None = None,
+           where: Filter | None = None) -> ReplayResult:
     """Republish dead letters of `queue` to `intyg.commands` with their original routing key.
 
-    `message_ids` None means every message. A replayed message is the dead letter as it is (body, properties,
+    `message_ids` None means every message; `where` narrows that down (say, every UNAVAILABLE since 18:00). A replayed message is the dead letter as it is (body, properties,
     `message_id`, the service's signed bookkeeping), less what `replay_properties` drops: why it was
     dead-lettered and the broker's own headers. CONTRACT §8's "unchanged" is read as: what the sender sent is
     unchanged. The service gives a replay fresh retries and lets it act as its original sender only through the
@@ -215,7 +358,7 @@ def replay(channel: Any, queue: str, message_ids: Collection[str] | None = None,
         result.selected += 1
         return _replay_one(channel, queue, method, properties, body, publisher, dry_run, result) and not dry_run
 
-    _sweep(channel, queue, message_ids, progress_cb, replay_it, result)
+    _sweep(channel, queue, message_ids, where, progress_cb, replay_it, result)
     return result
 
 
@@ -243,9 +386,9 @@ def _replay_one(channel: Any, queue: str, method: Any, properties: Any, body: by
 
 
 def purge(channel: Any, queue: str, message_ids: Collection[str] | None = None, *, dry_run: bool = False,
-          progress_cb: Progress | None = None) -> PurgeResult:
+          progress_cb: Progress | None = None, where: Filter | None = None) -> PurgeResult:
     """Remove dead letters for good: the ones with the given `message_ids`, or (None) every message that was in
-    the queue at the start. The others are requeued."""
+    the queue at the start, narrowed down by `where`. The others are requeued."""
     result = PurgeResult(dry_run=dry_run)
 
     def purge_it(method: Any, _properties: Any, _body: bytes) -> bool:
@@ -254,12 +397,12 @@ def purge(channel: Any, queue: str, message_ids: Collection[str] | None = None, 
             channel.basic_ack(delivery_tag=method.delivery_tag)
         return not dry_run
 
-    _sweep(channel, queue, message_ids, progress_cb, purge_it, result)
+    _sweep(channel, queue, message_ids, where, progress_cb, purge_it, result)
     return result
 
 
-def _sweep(channel: Any, queue: str, message_ids: Collection[str] | None, progress_cb: Progress | None,
-           act: Any, result: ReplayResult | PurgeResult) -> None:
+def _sweep(channel: Any, queue: str, message_ids: Collection[str] | None, where: Filter | None,
+           progress_cb: Progress | None, act: Any, result: ReplayResult | PurgeResult) -> None:
     """Look once at each message that was in `queue` at the start; `act` on the selected ones (it says whether it
     took the message out of the queue). Every message not taken is held until the end and then requeued, so no
     message is looked at twice and the sweep ends even on a busy queue."""
@@ -274,6 +417,8 @@ def _sweep(channel: Any, queue: str, message_ids: Collection[str] | None, progre
                 break
             result.seen += 1
             selected = wanted is None or properties.message_id in wanted
+            if selected and where:
+                selected = where.matches(dead_letter(queue, properties, body))
             if selected and properties.message_id is not None:
                 found.add(properties.message_id)
             if not (selected and act(method, properties, body)):
@@ -332,3 +477,10 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

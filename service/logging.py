@@ -17,7 +17,7 @@ from opentelemetry import trace
 
 from domain.privacy import patient_hash, scrub, set_salt
 
-__all__ = ["configure", "get_logger", "patient_hash", "scrub", "scrub_personnummer"]
+__all__ = ["audit_logger", "configure", "get_logger", "patient_hash", "scrub", "scrub_personnummer"]
 
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, str):
@@ -142,3 +142,18 @@ def configure(level: str = "INFO", *, salt: str | None = None, stream: Any = Non
 
 def get_logger(name: str = "intygstjanst", **bound: Any) -> Any:
     return structlog.get_logger(name).bind(**bound)
+
+
+def audit_logger(stream: Any, name: str = "intygstjanst.audit") -> Any:
+    """A logger of its own (not the process-wide configuration) writing the service's JSON lines to `stream`:
+    for a command line tool that records an access on stderr while stdout carries its output."""
+    def named(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event_dict["logger"] = name
+        return event_dict
+
+    return structlog.wrap_logger(
+        structlog.PrintLogger(stream),
+        processors=[structlog.stdlib.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True), named,
+                    scrub_personnummer, structlog.processors.JSONRenderer(ensure_ascii=False)],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
