@@ -6,8 +6,11 @@ leaves nothing behind for other tests in the vhost.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pika
 import pytest
@@ -17,12 +20,19 @@ from contracts.topology import (
     COMMANDS_EXCHANGE, H_ATTEMPTS, H_DEAD_LETTERED_AT, H_ERROR, H_ERROR_CODE, H_FIRST_ATTEMPT_AT,
     H_ORIGINAL_ROUTING_KEY, H_ORIGINAL_USER_ID, CONSUMED_QUEUES, UNROUTED, dlq,
 )
+from consumers import retry
 from publishers import dlq as ops
 from service.dlq_cli import dlq_app
 from service.settings import Settings
 from service.topology import declare_exchanges
 
+try:
+    from tests import factories
+except ImportError:  # tests/ itself on sys.path
+    import factories
+
 pytestmark = pytest.mark.integration
+PATIENT = "191212121212"
 
 BOOKKEEPING = {H_ATTEMPTS: 5, H_ERROR_CODE: "UNAVAILABLE", H_ERROR: "database unavailable",
                H_DEAD_LETTERED_AT: "2026-11-25T10:00:00+00:00", H_FIRST_ATTEMPT_AT: "2026-11-25T09:59:00+00:00"}
@@ -262,3 +272,155 @@ def test_cli_list_show_replay_purge(channel, amqp_url, tag):
     purged = runner.invoke(dlq_app, ["purge", "intyg.consent", "--id", f"{tag}-b", "--yes"], env=env)
     assert purged.exit_code == 0, purged.output
     assert ops.message_count(channel, queue) == before
+
+
+# --- the operator's view --------------------------------------------------------------------------------------------
+@pytest.fixture
+def night(tag, channel) -> Iterator[dt.datetime]:
+    """A night of the test's own: the dead letters the test puts into the shared DLQs are the only ones in it
+    (and are purged afterwards)."""
+    start = dt.datetime(2030, 1, 1, 18, tzinfo=dt.UTC) + dt.timedelta(days=int(tag, 16) % 100_000)
+    yield start
+    mine = ops.Filter(since=start - dt.timedelta(days=1), until=start + dt.timedelta(days=1))
+    for queue in (dlq("intyg.registration"), dlq("intyg.status")):
+        ops.purge(channel, queue, None, where=mine)
+
+
+def failed(channel, queue: str, routing_key: str, code: str, at: dt.datetime, body: dict[str, Any]) -> str:
+    """A dead letter as the service writes it: signed bookkeeping, code and time."""
+    message_id = f"m-{uuid.uuid4()}"
+    headers = retry.dead_letter_headers({}, message_id, retry.History(0, at), routing_key, user_id="portal",
+                                        code=code, error=f"{code.lower()} for a test", now=at,
+                                        signer=retry.Signer(b"test"))
+    channel.basic_publish("", queue, json.dumps(body).encode(), pika.BasicProperties(
+        message_id=message_id, content_type="application/json", delivery_mode=2, headers=headers))
+    return message_id
+
+
+def poisoned(channel, tag: str, routing_key: str, dead_letter_queue: str) -> str:
+    """A dead letter of the broker itself: a quorum queue's delivery limit exceeded."""
+    poison = f"test.{tag}.poison"
+    channel.queue_declare(poison, durable=True, arguments={
+        "x-queue-type": "quorum", "x-delivery-limit": 1, "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letter_queue})
+    channel.queue_bind(poison, COMMANDS_EXCHANGE, routing_key=routing_key)
+    message_id = f"poison-{tag}"
+    channel.basic_publish(COMMANDS_EXCHANGE, routing_key, b'{"certificate_id": "c-1"}', pika.BasicProperties(
+        message_id=message_id, content_type="application/json", delivery_mode=2))
+    for _ in range(50):
+        method, _props, _body = channel.basic_get(poison, auto_ack=False)
+        if method is not None:
+            channel.basic_nack(method.delivery_tag, requeue=True)
+        elif ops.message_count(channel, dead_letter_queue) and not ops.message_count(channel, poison):
+            break
+        channel.connection.sleep(0.05)
+    channel.queue_delete(poison)
+    return message_id
+
+
+@pytest.fixture
+def topology(channel, amqp_url):
+    from service.topology import declare
+
+    declare(channel, Settings(amqp_url=amqp_url))
+
+
+def cli_json(runner, *args, env) -> Any:
+    result = runner.invoke(dlq_app, [*args, "--output", "json"], env=env)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def window(night: dt.datetime) -> list[str]:
+    return ["--since", night.isoformat(), "--until", (night + dt.timedelta(hours=12)).isoformat()]
+
+
+def test_show_masks_personal_data_and_prints_one_block_per_message_within_80_columns(channel, topology, amqp_url,
+                                                                                      night):
+    body = {"certificate": factories.certificate_json(id="c-masked", patient_id=PATIENT)}
+    mid = failed(channel, dlq("intyg.registration"), "certificate.register", "INVALID_MESSAGE", night, body)
+    runner, env = CliRunner(), {"AMQP_URL": amqp_url}
+
+    shown = runner.invoke(dlq_app, ["show", "intyg.registration", *window(night)], env=env)
+    assert shown.exit_code == 0, shown.output
+    text = shown.stdout
+    assert PATIENT not in text and "Ajla Doktor" not in text and factories.DOCUMENT["content"] not in text
+    assert mid in text and '"id": "c-masked"' in text and "INVALID_MESSAGE: invalid_message for a test" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert shown.stderr == ""  # nothing revealed, nothing to record
+
+    [as_json] = cli_json(runner, "show", "intyg.registration", *window(night), env=env)
+    assert PATIENT not in json.dumps(as_json) and "body" not in as_json
+    assert (as_json["message_id"], as_json["code"], as_json["dead_lettered_by"]) == (mid, "INVALID_MESSAGE",
+                                                                                    "service")
+    assert json.loads(as_json["body_masked"])["certificate"]["patient_id"] == ops.MASK
+
+
+def test_a_body_is_shown_only_on_request_and_that_access_is_logged(channel, topology, amqp_url, night):
+    body = {"certificate_id": "c-1", "patient_id": PATIENT, "recipient_id": "FKASSA", "sent_by": "CITIZEN"}
+    mids = [failed(channel, dlq("intyg.status"), "certificate.send", "UNAVAILABLE", night, body) for _ in range(2)]
+    runner, env = CliRunner(), {"AMQP_URL": amqp_url}
+
+    shown = runner.invoke(dlq_app, ["show", "intyg.status", "--body", *window(night)], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert PATIENT in shown.stdout
+    [access] = [json.loads(line) for line in shown.stderr.splitlines()]
+    assert access["event"] == "dead-letter bodies shown" and access["level"] == "warning"
+    assert access["broker_user"] == pika.URLParameters(amqp_url).credentials.username
+    assert (access["queue"], access["message_ids"]) == ("intyg.status.dlq", mids)
+    assert access["timestamp"].endswith("Z") and "os_user" in access
+
+    revealed = runner.invoke(dlq_app, ["show", "intyg.status", "--body", "-o", "json", *window(night)], env=env)
+    assert [json.loads(letter["body"]) for letter in json.loads(revealed.stdout)] == [body, body]
+    assert json.loads(revealed.stderr)["message_ids"] == mids
+
+
+def test_summary_groups_by_code_and_replay_by_code_and_since_takes_exactly_that_group(channel, topology, amqp_url,
+                                                                                      tag, night):
+    queue = dlq("intyg.status")
+    observer = channel.queue_declare("", exclusive=True).method.queue
+    send, body = f"{tag}.certificate.send", {"certificate_id": "c-1"}
+    channel.queue_bind(observer, COMMANDS_EXCHANGE, routing_key=send)
+    earlier = failed(channel, queue, send, "UNAVAILABLE", night - dt.timedelta(hours=1), body)
+    tonight = [failed(channel, queue, send, "UNAVAILABLE", night + dt.timedelta(minutes=m), body) for m in (5, 95)]
+    failed(channel, queue, f"{tag}.certificate.revoke", "NOT_FOUND", night + dt.timedelta(minutes=30), body)
+    poison = poisoned(channel, tag, f"{tag}.certificate.poison", queue)
+    runner, env = CliRunner(), {"AMQP_URL": amqp_url}
+
+    groups = cli_json(runner, "summary", "intyg.status", *window(night), env=env)
+    assert [(g["code"], g["count"]) for g in groups] == [("UNAVAILABLE", 2), ("NOT_FOUND", 1)]
+    assert groups[0]["types"] == {send: 2}
+    assert [g["types"][f"{tag}.certificate.poison"] for g in cli_json(runner, "summary", "intyg.status", env=env)
+            if g["code"] == "broker:delivery_limit"] == [1]
+    [shown] = cli_json(runner, "show", "intyg.status", "--code", "broker:delivery_limit", env=env)[-1:]
+    assert (shown["message_id"], shown["dead_lettered_by"], shown["broker_reason"]) == (poison, "broker",
+                                                                                        "delivery_limit")
+    text = runner.invoke(dlq_app, ["show", "intyg.status", "--code", "broker:delivery_limit"], env=env).stdout
+    assert "dead-lettered by the broker, not by the service" in text
+
+    since = night.isoformat()
+    replayed = runner.invoke(dlq_app, ["replay", "intyg.status", "--code", "UNAVAILABLE", *window(night)], env=env)
+    assert replayed.exit_code == 0, replayed.output
+    assert "replayed 2 of" in replayed.stdout
+    republished = drain(channel, observer)
+    assert sorted(p.message_id for _, p, _ in republished) == sorted(tonight)
+    for _, props, _ in republished:  # the signed bookkeeping travels unchanged
+        assert props.headers[retry.H_SIGNATURE] and H_ERROR_CODE not in props.headers
+    assert cli_json(runner, "show", "intyg.status", "--code", "UNAVAILABLE", *window(night), env=env) == []
+    remaining = {g["code"]: g["count"] for g in cli_json(
+        runner, "summary", "intyg.status", "--since", (night - dt.timedelta(hours=2)).isoformat(), "--until",
+        (night + dt.timedelta(hours=12)).isoformat(), env=env)}
+    assert remaining == {"UNAVAILABLE": 1, "NOT_FOUND": 1}  # the earlier one and the other code stay
+    assert earlier in {letter["message_id"] for letter in cli_json(runner, "show", "intyg.status", "--code",
+                                                                   "UNAVAILABLE", env=env)}
+
+    purged = runner.invoke(dlq_app, ["purge", "intyg.status", "--yes", "--since",
+                                     (night - dt.timedelta(hours=2)).isoformat(), "--until", since], env=env)
+    assert purged.exit_code == 0 and "purged 1 of" in purged.stdout  # the earlier one
+    assert earlier not in {letter["message_id"] for letter in cli_json(runner, "show", "intyg.status", env=env)}
+
+
+def test_replay_refuses_ids_together_with_a_filter(amqp_url):
+    refused = CliRunner().invoke(dlq_app, ["replay", "intyg.status", "--id", "m-1", "--code", "UNAVAILABLE"],
+                                 env={"AMQP_URL": amqp_url})
+    assert refused.exit_code == 2
