@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import event, select, text
 
 import storage.certificates as certificates_module
-from consumers import pipeline
+from consumers import pipeline, tracing
 from consumers.loop import Consumer, Delivery
 from consumers.pipeline import Envelope, Policy, parse, process
 from service.settings import Settings
@@ -481,3 +481,22 @@ def test_a_connection_lost_with_inserts_in_flight_is_transient_and_the_pool_reco
         assert uow.connection.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
         assert uow.certificates.get("anything") is None
     assert count(engine, certificates) == 0
+
+
+def test_with_tracing_off_no_span_is_started_and_the_senders_trace_context_goes_on_as_it_came(
+        engine, batching_url, monkeypatch):
+    def no_spans(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("a span was started (and its attributes built) with tracing off")
+
+    monkeypatch.setattr(tracing, "start", no_spans)
+    monkeypatch.setattr(tracing, "headers", no_spans)
+    worker, recorder = consumer(engine, batching_url)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    message = delivery(register_body(patient_id=patient(7)))
+    message.properties.headers = {"traceparent": traceparent}
+    worker._handle([message])
+    with engine.connect() as conn:
+        headers = conn.execute(select(outbox.c.headers).where(
+            outbox.c.correlation_id == message.properties.message_id)).scalar_one()
+    assert headers == {"traceparent": traceparent}
+    assert recorder.acked == [(message.tag, True)]
