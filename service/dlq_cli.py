@@ -166,6 +166,7 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="Print JSON 
 def show_command(
     queue: str = typer.Argument(..., help="e.g. intyg.status or intyg.status.dlq"),
     limit: int = typer.Option(20, "--limit", "-n", min=1, help="At most this many messages, oldest first."),
+    ids: list[str] = IdOption,
     body: bool = typer.Option(False, "--body", help="Show the bodies as they are (personal data: the access is "
                                                     "logged on stderr)."),
     codes: list[str] = CodeOption,
@@ -177,12 +178,14 @@ def show_command(
     """Show the first dead letters of QUEUE, one block each (left in the queue; bodies masked unless --body)."""
     name = _queue(queue)
     where = _filter(codes, since, until)
+    narrowed = bool(where or ids)
     with _channel() as channel:
         total = ops.message_count(channel, name)
-        letters = ops.peek(channel, name, None if where else limit)  # a filter looks at all of them
+        letters = ops.peek(channel, name, None if narrowed else limit)  # narrowing down looks at all of them
         user = ops.connection_user(channel)
-    if where:
-        letters = [letter for letter in letters if where.matches(letter)][:limit]
+    if narrowed:
+        letters = [letter for letter in letters
+                   if where.matches(letter) and (not ids or letter.message_id in ids)][:limit]
     if body and letters:
         _record_reveal(user, name, letters)
     if as_json or output is Output.json:

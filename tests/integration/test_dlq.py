@@ -374,6 +374,9 @@ def test_a_body_is_shown_only_on_request_and_that_access_is_logged(channel, topo
     assert [json.loads(letter["body"]) for letter in json.loads(revealed.stdout)] == [body, body]
     assert json.loads(revealed.stderr)["message_ids"] == mids
 
+    one = runner.invoke(dlq_app, ["show", "intyg.status", "--id", mids[1], "--body"], env=env)
+    assert one.stdout.count(PATIENT) == 1 and json.loads(one.stderr)["message_ids"] == [mids[1]]
+
 
 def test_summary_groups_by_code_and_replay_by_code_and_since_takes_exactly_that_group(channel, topology, amqp_url,
                                                                                       tag, night):
