@@ -23,7 +23,7 @@ import datetime as dt
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,22 +298,26 @@ def original_routing_key(properties: Any) -> str | None:
 def peek(channel: Any, queue: str, limit: int | None = 20) -> list[DeadLetter]:
     """The first `limit` (None: all) dead letters of `queue`, left in the queue (requeued: see the module
     docstring)."""
+    return list(browse(channel, queue, limit))
+
+
+def browse(channel: Any, queue: str, limit: int | None = None) -> Iterator[DeadLetter]:
+    """The dead letters of `queue` one by one, each held until the end and then requeued (consume the iterator to
+    the end, or close it): whoever only counts them (`summarize`) keeps no body in memory."""
     count = message_count(channel, queue)
     total = count if limit is None else min(limit, count)
-    letters: list[DeadLetter] = []
-    last_tag = None
+    seen, last_tag = 0, None
     try:
         for _ in range(total):
             method, properties, body = channel.basic_get(queue, auto_ack=False)
             if method is None:
                 break
-            last_tag = method.delivery_tag
-            letters.append(dead_letter(queue, properties, body, method.redelivered))
+            seen, last_tag = seen + 1, method.delivery_tag
+            yield dead_letter(queue, properties, body, method.redelivered)
     finally:
         if last_tag is not None:
             channel.basic_nack(delivery_tag=last_tag, multiple=True, requeue=True)
-            _wait_for_count(channel, queue, len(letters))
-    return letters
+            _wait_for_count(channel, queue, seen)
 
 
 # --- changing -----------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import itertools
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -165,7 +166,7 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="Print JSON 
 @dlq_app.command("show")
 def show_command(
     queue: str = typer.Argument(..., help="e.g. intyg.status or intyg.status.dlq"),
-    limit: int = typer.Option(20, "--limit", "-n", min=1, help="At most this many messages, oldest first."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="At most this many messages, in queue order (browsing may reorder a quorum queue)."),
     ids: list[str] = IdOption,
     body: bool = typer.Option(False, "--body", help="Show the bodies as they are (personal data: the access is "
                                                     "logged on stderr)."),
@@ -181,11 +182,16 @@ def show_command(
     narrowed = bool(where or ids)
     with _channel() as channel:
         total = ops.message_count(channel, name)
-        letters = ops.peek(channel, name, None if narrowed else limit)  # narrowing down looks at all of them
         user = ops.connection_user(channel)
-    if narrowed:
-        letters = [letter for letter in letters
-                   if where.matches(letter) and (not ids or letter.message_id in ids)][:limit]
+        if narrowed:  # looks at them in order, keeps the first `limit` that match
+            browsing = ops.browse(channel, name)
+            try:
+                letters = list(itertools.islice((letter for letter in browsing if where.matches(letter)
+                                                 and (not ids or letter.message_id in ids)), limit))
+            finally:
+                browsing.close()  # gives back what it holds
+        else:
+            letters = ops.peek(channel, name, limit)
     if body and letters:
         _record_reveal(user, name, letters)
     if as_json or output is Output.json:
@@ -196,7 +202,7 @@ def show_command(
         console.print(Text(f"{name}: no dead letters{selected}; {total} in the queue"))
         return
     masked = "bodies shown as they are" if body else "bodies masked (--body shows them, and is logged)"
-    console.print(Text(f"{name}: {len(letters)} of {total} dead letters{selected}, oldest first; {masked}",
+    console.print(Text(f"{name}: {len(letters)} of {total} dead letters{selected}, in queue order; {masked}",
                        style="bold"))
     for n, letter in enumerate(letters, 1):
         console.print(_block(n, letter, reveal=body))
@@ -245,8 +251,8 @@ def summary_command(
     where = _filter(None, since, until)
     with _channel() as channel:
         names = [_queue(q) for q in queues] if queues else [q for q, n in ops.list_dlqs(channel) if n is not None]
-        letters = [letter for name in names for letter in ops.peek(channel, name, None)]
-    groups = ops.summarize(letter for letter in letters if where.matches(letter))
+        groups = ops.summarize(letter for name in names for letter in ops.browse(channel, name)
+                               if where.matches(letter))
     if output is Output.json:
         _print_json([group.as_json() for group in groups])
         return
