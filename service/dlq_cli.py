@@ -166,7 +166,9 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="Print JSON 
 @dlq_app.command("show")
 def show_command(
     queue: str = typer.Argument(..., help="e.g. intyg.status or intyg.status.dlq"),
-    limit: int = typer.Option(20, "--limit", "-n", min=1, help="At most this many messages, in queue order (browsing may reorder a quorum queue)."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1,
+                              help="At most this many messages, in queue order (browsing may reorder a quorum "
+                                   "queue)."),
     ids: list[str] = IdOption,
     body: bool = typer.Option(False, "--body", help="Show the bodies as they are (personal data: the access is "
                                                     "logged on stderr)."),
