@@ -103,7 +103,8 @@ class DeadLetter:
                 "code": self.code, "error_code": self.error_code, "error": self.error,
                 "dead_lettered_by": "broker" if self.by_broker else "service", "broker_reason": self.broker_reason,
                 "attempts": self.attempts, "dead_lettered_at": self.dead_lettered_at,
-                "body_size": len(self.body), **shown, "content_type": self.content_type, "user_id": self.user_id, "sender": self.sender,
+                "body_size": len(self.body), **shown, "content_type": self.content_type, "user_id": self.user_id,
+                "sender": self.sender,
                 "redelivered": self.redelivered, "headers": _jsonable(self.headers)}
 
 
@@ -342,9 +343,9 @@ def replay(channel: Any, queue: str, message_ids: Collection[str] | None = None,
            where: Filter | None = None) -> ReplayResult:
     """Republish dead letters of `queue` to `intyg.commands` with their original routing key.
 
-    `message_ids` None means every message; `where` narrows that down (say, every UNAVAILABLE since 18:00). A replayed message is the dead letter as it is (body, properties,
-    `message_id`, the service's signed bookkeeping), less what `replay_properties` drops: why it was
-    dead-lettered and the broker's own headers. CONTRACT §8's "unchanged" is read as: what the sender sent is
+    `message_ids` None means every message; `where` narrows that down (say, every UNAVAILABLE since 18:00).
+    A replayed message is the dead letter as it is (body, properties, `message_id`, the service's signed
+    bookkeeping), less what `replay_properties` drops: why it was dead-lettered and the broker's own headers. CONTRACT §8's "unchanged" is read as: what the sender sent is
     unchanged. The service gives a replay fresh retries and lets it act as its original sender only through the
     bookkeeping it signed itself.
 

@@ -230,7 +230,7 @@ def _block(n: int, letter: ops.DeadLetter, *, reveal: bool) -> Stack:
         rows.add_row("sender", Text(letter.sender))
     size = f"{len(letter.body)} bytes" + (f", {letter.content_type}" if letter.content_type else "")
     rows.add_row("body", Text(size + ("" if reveal else ", masked")))
-    rows.add_row("", Text(_revealed(letter.body) if reveal else letter.masked_body(), style="dim" if not reveal else ""))
+    rows.add_row("", Text(_revealed(letter.body)) if reveal else Text(letter.masked_body(), style="dim"))
     return Stack(Rule(Text(f" {n}. {letter.message_id or '(no message_id)'} ", style="bold"), align="left"),
                  Padding(rows, (0, 0, 1, 1)))
 
