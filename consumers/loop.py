@@ -291,10 +291,13 @@ class Consumer(threading.Thread):
         reaches the rest of the batch: it is requeued (the topology may be missing a queue: declared again) or
         rejected to the broker's dead-letter target; only a broken connection ends the session."""
         span, item.span = item.span, None
-        with tracing.current(span):
-            settled, what, failed = self._publish_settlement(item, now)
-        if span is not None:
-            tracing.finish(span, what, failed=failed)
+        what, failed = "REDELIVERED", True  # unless settled: the connection broke, the broker redelivers it
+        try:
+            with tracing.current(span):
+                settled, what, failed = self._publish_settlement(item, now)
+        finally:
+            if span is not None:
+                tracing.finish(span, what, failed=failed)
         return settled
 
     def _publish_settlement(self, item: Item, now: dt.datetime) -> tuple[bool, str, bool]:
