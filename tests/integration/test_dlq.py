@@ -286,9 +286,10 @@ def night(tag, channel) -> Iterator[dt.datetime]:
         ops.purge(channel, queue, None, where=mine)
 
 
-def failed(channel, queue: str, routing_key: str, code: str, at: dt.datetime, body: dict[str, Any]) -> str:
+def failed(channel, queue: str, routing_key: str, code: str, at: dt.datetime, body: dict[str, Any], *,
+           message_id: str | None = None) -> str:
     """A dead letter as the service writes it: signed bookkeeping, code and time."""
-    message_id = f"m-{uuid.uuid4()}"
+    message_id = message_id or f"m-{uuid.uuid4()}"
     headers = retry.dead_letter_headers({}, message_id, retry.History(0, at), routing_key, user_id="portal",
                                         code=code, error=f"{code.lower()} for a test", now=at,
                                         signer=retry.Signer(b"test"))
@@ -359,6 +360,8 @@ def test_show_masks_personal_data_and_prints_one_block_per_message_within_80_col
 def test_a_body_is_shown_only_on_request_and_that_access_is_logged(channel, topology, amqp_url, night):
     body = {"certificate_id": "c-1", "patient_id": PATIENT, "recipient_id": "FKASSA", "sent_by": "CITIZEN"}
     mids = [failed(channel, dlq("intyg.status"), "certificate.send", "UNAVAILABLE", night, body) for _ in range(2)]
+    mids.append(failed(channel, dlq("intyg.status"), "certificate.send", "UNAVAILABLE", night, body,
+                       message_id="m-4bf92f35-77b3-4a3c-9e4f-201212121212"))  # an access record names it exactly
     runner, env = CliRunner(), {"AMQP_URL": amqp_url}
 
     shown = runner.invoke(dlq_app, ["show", "intyg.status", "--body", *window(night)], env=env)
@@ -371,7 +374,7 @@ def test_a_body_is_shown_only_on_request_and_that_access_is_logged(channel, topo
     assert access["timestamp"].endswith("Z") and "os_user" in access
 
     revealed = runner.invoke(dlq_app, ["show", "intyg.status", "--body", "-o", "json", *window(night)], env=env)
-    assert [json.loads(letter["body"]) for letter in json.loads(revealed.stdout)] == [body, body]
+    assert [json.loads(letter["body"]) for letter in json.loads(revealed.stdout)] == [body] * 3
     assert json.loads(revealed.stderr)["message_ids"] == mids
 
     one = runner.invoke(dlq_app, ["show", "intyg.status", "--id", mids[1], "--body"], env=env)
