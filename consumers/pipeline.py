@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from contracts.events import RecipientCertificateRevoked, RecipientCertificateSent
 from contracts.properties import MESSAGE_ID_MAX_LENGTH
 from contracts.replies import Code, Reply
 from contracts.topology import EVENTS_EXCHANGE
@@ -193,8 +194,21 @@ def reply_message(envelope: Envelope, reply: Reply, trace: Mapping[str, str]) ->
 
 
 def _event_messages(handled: Handled, trace: Mapping[str, str]) -> list[OutboxMessage]:
+    """Each event is ordered behind the earlier events of its certificate (`ordering_key`); a recipient delivery
+    carries the patient (and for `sent` the whole certificate), so it is erased once published, never kept."""
     return [OutboxMessage(kind="event", exchange=EVENTS_EXCHANGE, routing_key=e.type, message_id=e.event_id,
-                          body=e.model_dump_json().encode(), headers=trace) for e in handled.events]
+                          body=e.model_dump_json().encode(), headers=trace, ordering_key=_certificate_of(e),
+                          erase_when_published=isinstance(e, RECIPIENT_DELIVERIES))
+            for e in handled.events]
+
+
+RECIPIENT_DELIVERIES = (RecipientCertificateSent, RecipientCertificateRevoked)
+
+
+def _certificate_of(event: Any) -> str:
+    if isinstance(event, RecipientCertificateSent):  # carries the whole certificate
+        return event.certificate.id
+    return event.certificate_id
 
 
 def _outcome(reply: Reply) -> str:

@@ -1,37 +1,29 @@
 """The outbox relay: publishes what the message loop wrote to the outbox (CONTRACT §7, §8).
 
 How it works
-- Leadership. Among several service instances only one relay publishes: the one holding the outbox advisory
-  lock (`storage.outbox.try_lead`) on a database session of its own. Every query of the relay runs on that same
-  session, so a query that succeeds proves the lock is still held; if the session dies, the query fails, the
-  relay drops the broker connection and starts over. A relay that is not the leader asks again every
-  `lead_poll_s` seconds.
-- Order. Rows are published in id order. A batch is settled in that order too: rows before the first failure
-  are marked published, the failed row gets `mark_failed`, and everything from it on is sent again next round
-  (later rows of the batch may therefore go out twice; consumers dedupe by `message_id`). So one certificate's
-  events never overtake each other.
-- Confirm window. One pika `SelectConnection` per leadership term, owned by the thread that calls `run()` (pika is
-  not thread-safe). A batch of up to `batch_size` rows is published back to back with `mandatory=True` on a
-  channel in confirm mode; Basic.Ack/Nack (with `multiple`) and Basic.Return are matched to the rows, and the
-  rows are marked published only once every message of the batch has been confirmed. One round trip per batch
-  instead of one per message.
-- Returns (unroutable with `mandatory`; RabbitMQ sends the return before the ack of that message):
-  a reply whose requester's queue is gone is marked published with `last_error = 'unroutable reply'` (nobody can
-  receive it and it must not hold up the outbox); a broadcast event nobody subscribed to is simply published; a
-  `recipient.R.*` delivery means the recipient's queue is missing: `recipient.R` is declared again (durable, bound
-  to `intyg.events` with `recipient.R.#`) and the delivery is sent again, because nothing for a recipient may be
-  dropped.
+- Leadership. Among several service instances only one relay publishes: the one whose database session holds the
+  outbox advisory lock (`storage.outbox.try_lead`). A leadership term is one such session (`storage.engine.
+  one_session`: it can never be swapped for a fresh session that holds no lock) and one AMQP connection. Every
+  statement of the term is fenced: it acts only if its own session holds the lock, and raises `NotLeading`
+  otherwise. Any error, of the database or the broker, ends the term; nothing is retried inside it.
+- Time fence. A fetch proves the lock at one instant. Its batch is published only if that happens within
+  `takeover_grace_s / 2` of sending the fetch, and a new leader publishes nothing for `takeover_grace_s` after
+  it took the lock. A relay that lost its session after a fetch has therefore handed its last batch to the
+  broker before a successor publishes anything: two relays never publish in overlapping terms. A relay
+  publishes nothing while the broker blocks its connection (frames would wait in its buffer).
+- Order. A batch holds at most one row per ordering key (a certificate), so a certificate's next event is only
+  published once the one before it is confirmed and marked; replies have no key. Each row is settled on its own
+  (`publishers.settlement`): a failed row is tried again after a back-off and parked after `max_attempts`, and
+  holds up nothing but the later rows of its own certificate.
+- Confirm window. The batch is published back to back with `mandatory=True` on a channel in confirm mode;
+  acks, nacks (with `multiple`) and returns are matched to the rows, and once all are confirmed the batch is
+  settled in one transaction. pika is not thread-safe: the connection belongs to the thread that calls `run()`.
 - Wake-ups. `wake()` may be called from any thread (the message loop calls it after each commit); it schedules a
   round on the relay's I/O loop at once, so replies go out within milliseconds. Without wake-ups the relay polls
   every `poll_s`.
-- Faults. Broker or database loss ends the leadership term (the lock is released with the session); the relay
-  reconnects with capped exponential back-off. Nothing is marked published unless confirmed, so nothing is lost;
-  unconfirmed rows are sent again.
-- Housekeeping. Every `housekeeping_s` published rows older than `retention_s` are deleted.
 """
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 from collections import deque
@@ -42,25 +34,17 @@ from typing import Any
 import pika
 import structlog
 from pika import spec
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, text
 
 from contracts.topology import EVENTS_EXCHANGE, recipient_binding, recipient_queue
+from publishers.settlement import UNROUTABLE_REPLY, recipient_of, settle
 from storage import outbox as store
+from storage.engine import one_session
 from storage.outbox import OutboxRow
 
-UNROUTABLE_REPLY = "unroutable reply"
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-RECIPIENT_PREFIX = "recipient."
-HOUSEKEEPING_CHUNK = 10_000  # outbox rows deleted per statement
-HOUSEKEEPING_CHUNKS = 20  # statements per housekeeping round
+__all__ = ["OutboxRelay", "RelayStats", "UNROUTABLE_REPLY", "recipient_of"]
 
-# What became of one published message, until its batch is settled.
-_ACK = "ack"
-_NACK = "nack"
-_UNROUTABLE_REPLY = "unroutable-reply"
-_UNSUBSCRIBED_EVENT = "unsubscribed-event"
-_MISSING_RECIPIENT = "missing-recipient"
-_SETTLED_OK = {_ACK, _UNROUTABLE_REPLY, _UNSUBSCRIBED_EVENT}
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 @dataclass
@@ -69,22 +53,17 @@ class RelayStats:
 
     leader: bool = False
     connected: bool = False  # leading, connected to the broker and publishing
-    published: int = 0  # rows marked published
+    terms: int = 0  # leadership terms begun
+    backend_pid: int | None = None  # the database session of the current (or last) term
+    published: int = 0  # rows marked published (or erased once published)
     batches: int = 0
     unroutable_replies: int = 0
     unsubscribed_events: int = 0
     recipient_queues_declared: int = 0
     nacked: int = 0
+    parked: int = 0
     interruptions: int = 0  # leadership terms ended by a broker or database fault
     last_error: str | None = None
-
-
-def recipient_of(routing_key: str) -> str | None:
-    """`recipient.FKASSA.certificate.sent` -> `FKASSA`."""
-    if not routing_key.startswith(RECIPIENT_PREFIX):
-        return None
-    parts = routing_key.split(".")
-    return parts[1] if len(parts) > 2 and parts[1] else None
 
 
 def _mandatory(row: OutboxRow) -> bool:
@@ -107,19 +86,19 @@ def properties_of(row: OutboxRow) -> pika.BasicProperties:
 class OutboxRelay:
     """Publishes the outbox. `run()` blocks (give it a thread of its own); `wake()` and `stop()` are thread-safe.
 
-    `engine` should have room for one connection held for as long as the relay leads. `recipient_queue_arguments`
-    must be the arguments the service's topology declares `recipient.R` with (None: a plain durable queue),
-    or re-declaring a missing recipient queue would differ from the topology's declaration.
+    `engine` says which database (each term opens a session of its own there, named `connection_name`).
+    `recipient_queue_arguments` must be the arguments the service's topology declares `recipient.R` with (None:
+    a plain durable queue), or re-declaring a missing recipient queue would differ from the topology's.
     """
 
     def __init__(self, amqp_url: str, engine: Engine, *, batch_size: int = 500, poll_s: float = 0.2,
                  log: Any = None, lead_poll_s: float = 3.0, confirm_timeout_s: float = 30.0,
-                 backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
-                 retention_s: float = 86_400.0, housekeeping_s: float = 300.0,
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0, takeover_grace_s: float = 1.0,
+                 max_attempts: int = 10, retry_base_s: float = 0.5, retry_max_s: float = 30.0,
                  recipient_queue_arguments: Mapping[str, Any] | None = None,
                  connection_name: str = "intygstjanst-relay") -> None:
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+        if batch_size < 1 or max_attempts < 1:
+            raise ValueError("batch_size and max_attempts must be at least 1")
         self.amqp_url = amqp_url
         self.engine = engine
         self.batch_size = batch_size
@@ -128,8 +107,10 @@ class OutboxRelay:
         self.confirm_timeout_s = confirm_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
-        self.retention_s = retention_s
-        self.housekeeping_s = housekeeping_s
+        self.takeover_grace_s = takeover_grace_s
+        self.max_attempts = max_attempts
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
         self.recipient_queue_arguments = dict(recipient_queue_arguments) if recipient_queue_arguments else None
         self.connection_name = connection_name
         self.log = (log or structlog.get_logger()).bind(component="outbox-relay")
@@ -144,7 +125,6 @@ class OutboxRelay:
         self._stopped = threading.Event()  # interrupts the sleeps of run()
         self._done = threading.Event()
         self._done.set()
-        self._next_housekeeping = time.monotonic() + min(30.0, housekeeping_s)
 
     # --- thread-safe controls ----------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -156,7 +136,7 @@ class OutboxRelay:
             self._session.call_threadsafe(self._session.on_wake)
 
     def stop(self, flush: bool = True, timeout: float = 10.0) -> bool:
-        """Ask `run()` to end. With `flush`, it first publishes what is pending (if this relay leads), for at most
+        """Ask `run()` to end. With `flush`, it first publishes what is due (if this relay leads), for at most
         `timeout` seconds. Waits for `run()` to return and says whether it did in time."""
         with self._lock:
             self._stop_requested = True
@@ -208,9 +188,9 @@ class OutboxRelay:
             self._done.set()
 
     def run_once(self, timeout: float = 30.0) -> int | None:
-        """Publish until the outbox is empty (or `timeout` passes), in the calling thread, then disconnect.
-        Returns the number of rows marked published, or None if another relay leads. For tests and tools;
-        not while `run()` is running on the same object."""
+        """Publish until nothing is due or backing off (parked rows and the rows behind them wait), or `timeout`
+        passes, in the calling thread, then disconnect. Returns the number of rows published, or None if another
+        relay leads. For tests and tools; not while `run()` runs on the same object."""
         return self._lead_once(until_empty=True, deadline=time.monotonic() + timeout)
 
     def pending(self) -> int:
@@ -230,26 +210,21 @@ class OutboxRelay:
         self._stopped.wait(seconds)
 
     def _lead_once(self, *, until_empty: bool, deadline: float | None) -> int | None:
-        db = self.engine.connect()
-        led = False
+        db = one_session(self.engine.url, application_name=self.connection_name)
         try:
-            led = store.try_lead(db)
-            db.commit()  # the lock is the session's: it outlives the transaction
-            if not led:
+            if not store.try_lead(db):
                 return None
-            self.stats.leader = True
-            self.log.info("relay leads")
-            return _Session(self, db, until_empty=until_empty, deadline=deadline).run()
+            led_at = time.monotonic()
+            db.commit()  # the lock is the session's: it outlives the transaction
+            self.stats.leader, self.stats.terms = True, self.stats.terms + 1
+            self.stats.backend_pid = _log_term(db, self.log)
+            return _Session(self, db, led_at, until_empty=until_empty, deadline=deadline).run()
         finally:
             self.stats.leader = False
-            if led:
-                try:
-                    db.invalidate()  # close the session itself, so that the lock goes with it
-                except Exception:  # pragma: no cover - a broken connection is closed anyway
-                    pass
             try:
+                db.invalidate()  # end the session itself, so that the lock goes with it
                 db.close()
-            except Exception:  # pragma: no cover
+            except Exception:  # pragma: no cover - a broken connection is closed anyway
                 pass
 
     # --- used by the session ------------------------------------------------------------------------------------
@@ -274,20 +249,28 @@ class OutboxRelay:
         with self._lock:
             return self._stop_requested, self._flush, self._deadline
 
-    def _housekeeping_due(self) -> bool:
-        if time.monotonic() < self._next_housekeeping:
-            return False
-        self._next_housekeeping = time.monotonic() + self.housekeeping_s
-        return True
+
+def _log_term(db: Connection, log: Any) -> int:
+    """Say which database session leads, and that it carries the keepalives that free the lock after a
+    partition (`storage.engine`)."""
+    pid, idle, interval, count = db.execute(text(
+        "SELECT pg_backend_pid(), current_setting('tcp_keepalives_idle'), "
+        "current_setting('tcp_keepalives_interval'), current_setting('tcp_keepalives_count')")).one()
+    db.commit()
+    log.info("relay leads", backend_pid=pid, tcp_keepalives_idle=idle, tcp_keepalives_interval=interval,
+             tcp_keepalives_count=count)
+    return pid
 
 
 class _Session:
     """One leadership term: one AMQP connection and its I/O loop, driven by callbacks on the relay's thread."""
 
-    def __init__(self, relay: OutboxRelay, db: Connection, *, until_empty: bool, deadline: float | None) -> None:
+    def __init__(self, relay: OutboxRelay, db: Connection, led_at: float, *, until_empty: bool,
+                 deadline: float | None) -> None:
         self.relay = relay
         self.db = db
         self.log = relay.log
+        self.may_publish_at = led_at + relay.takeover_grace_s
         self.until_empty = until_empty
         self.deadline = deadline if deadline is not None else float("inf")
         self.stopping = False
@@ -297,16 +280,17 @@ class _Session:
         self.conn: pika.SelectConnection | None = None
         self.channel: Any = None
         self.published = 0
+        self.blocked = False
+        self.timers: dict[str, object] = {}
         # the batch in flight
         self.busy = False
         self.again = False
         self.batch: list[OutboxRow] = []
-        self.outcome: list[str | None] = []
+        self.acked: list[bool] = []
+        self.returned: set[int] = set()
         self.outstanding: dict[int, int] = {}  # delivery tag -> index in batch, ascending tags
         self.by_message_id: dict[str, deque[int]] = {}
         self.next_tag = 0
-        self.blocked = False
-        self.timers: dict[str, object] = {}
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -340,7 +324,7 @@ class _Session:
         def guarded(*args: Any) -> None:
             try:
                 fn(*args)
-            except Exception as exc:
+            except Exception as exc:  # any fault ends the term: nothing is retried on another session
                 self._fail(exc)
         return guarded
 
@@ -393,7 +377,7 @@ class _Session:
     def _on_ready(self, _frame: Any) -> None:
         self.relay.stats.connected = True
         self.log.info("relay connected")
-        self._pump()
+        self._timer("poll", max(0.0, self.may_publish_at - time.monotonic()), self._pump)
 
     def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
         if not self.closing:
@@ -406,9 +390,11 @@ class _Session:
 
     def _on_unblocked(self, _conn: Any, _frame: Any) -> None:
         self.blocked = False
+        self.log.info("broker unblocked publishing")
         if self.busy:
             self._timer("confirm", self.relay.confirm_timeout_s, self._on_confirm_timeout)
-        self.log.info("broker unblocked publishing")
+        else:
+            self._pump()
 
     def on_wake(self) -> None:
         self.relay._woken()
@@ -459,7 +445,7 @@ class _Session:
 
     # --- publishing ---------------------------------------------------------------------------------------------
     def _pump(self) -> None:
-        """One round: fetch the oldest unpublished rows and publish them; `_settle` runs once all are confirmed."""
+        """One round: fetch the next batch and publish it; `_settle` runs once all of it is confirmed."""
         if self.closing:
             return
         if self.busy:
@@ -469,18 +455,29 @@ class _Session:
         if (self.stopping and not self.flush) or time.monotonic() >= self.deadline:
             self._close()
             return
-        if self.relay._housekeeping_due():
-            self._housekeeping()
-        rows = store.unpublished(self.db, self.relay.batch_size)
+        if self.blocked:
+            return  # `_on_unblocked` pumps again
+        if time.monotonic() < self.may_publish_at:
+            self._timer("poll", self.may_publish_at - time.monotonic(), self._pump)
+            return
+        fetched_from = time.monotonic()
+        rows = store.unpublished(self.db, self.relay.batch_size)  # raises NotLeading without the lock
         self.db.commit()
         if not rows:
-            if self.stopping or self.until_empty:
+            if self.stopping or (self.until_empty and not store.backing_off(self.db)):
                 self._close()
             else:
                 self._timer("poll", self.relay.poll_s, self._pump)
+            self.db.commit()
+            return
+        if time.monotonic() - fetched_from > self.relay.takeover_grace_s / 2:
+            # The lock was proven too long ago: a successor may be publishing by now. Prove it again.
+            self.log.warning("outbox batch fetched too slowly to publish safely; fetching again",
+                             ms=round((time.monotonic() - fetched_from) * 1000))
+            self._timer("poll", 0, self._pump)
             return
         self.busy, self.again = True, False
-        self.batch, self.outcome = rows, [None] * len(rows)
+        self.batch, self.acked, self.returned = rows, [False] * len(rows), set()
         self.outstanding, self.by_message_id = {}, {}
         publish = self.channel.basic_publish
         for index, row in enumerate(rows):
@@ -492,99 +489,67 @@ class _Session:
             self._timer("confirm", self.relay.confirm_timeout_s, self._on_confirm_timeout)
 
     def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
-        # The return of a message comes before its ack: it is the first unconfirmed one with this message_id.
-        index = next((i for i in self.by_message_id.get(properties.message_id, ())
-                      if self.outcome[i] is None), None)
-        if index is None:
+        # The return of a message comes before its confirm: it is the first row with this message_id not yet
+        # returned (two rows may share a message_id: the same reply stored again for a re-sent request).
+        waiting = self.by_message_id.get(properties.message_id, deque())
+        while waiting and waiting[0] in self.returned:
+            waiting.popleft()
+        if not waiting:
             self.log.warning("return of an unknown message", routing_key=method.routing_key)
             return
-        row = self.batch[index]
-        if row.kind == "reply":
-            self.outcome[index] = _UNROUTABLE_REPLY
-        elif recipient_of(row.routing_key) is not None:
-            self.outcome[index] = _MISSING_RECIPIENT
-        else:
-            self.outcome[index] = _UNSUBSCRIBED_EVENT
+        self.returned.add(waiting.popleft())
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         acked = isinstance(method, spec.Basic.Ack)
         if method.multiple:
-            tags = []
-            for tag in self.outstanding:
-                if tag > method.delivery_tag:
-                    break
-                tags.append(tag)
+            tags = [tag for tag in self.outstanding if tag <= method.delivery_tag]
         else:
             tags = [method.delivery_tag]
         for tag in tags:
             index = self.outstanding.pop(tag, None)
-            if index is None:
-                continue
-            if not acked:
-                self.outcome[index] = _NACK
-            elif self.outcome[index] is None:
-                self.outcome[index] = _ACK
+            if index is not None:
+                self.acked[index] = acked
         if self.busy and not self.outstanding:
             self._settle()
 
     def _settle(self) -> None:
-        """Mark the batch in id order: published up to the first failure, the failure counted, the rest resent."""
+        """Mark the confirmed rows, count the failed ones (parking those out of attempts), in one transaction."""
         self._cancel("confirm")
-        batch, outcome = self.batch, self.outcome
-        published: list[int] = []
-        unroutable: list[int] = []
-        failed: tuple[OutboxRow, str] | None = None
-        missing: set[str] = set()
-        for row, result in zip(batch, outcome):
-            if result == _MISSING_RECIPIENT:
-                missing.add(recipient_of(row.routing_key) or "")
-            if failed is not None:
-                continue
-            if result in _SETTLED_OK:
-                published.append(row.id)
-                if result == _UNROUTABLE_REPLY:
-                    unroutable.append(row.id)
-                elif result == _UNSUBSCRIBED_EVENT:
-                    self.relay.stats.unsubscribed_events += 1
-            elif result == _MISSING_RECIPIENT:
-                failed = (row, f"recipient queue {recipient_queue(recipient_of(row.routing_key) or '')} missing")
-            else:
-                failed = (row, "nacked by the broker")
-                self.relay.stats.nacked += 1
-        for row_id in unroutable:
-            store.mark_failed(self.db, row_id, UNROUTABLE_REPLY)
-        store.mark_published(self.db, published)
-        if failed is not None:
-            store.mark_failed(self.db, failed[0].id, failed[1])
+        batch = self.batch
+        outcome = settle(batch, self.acked, self.returned)
+        published = store.mark_published(self.db, outcome.published, outcome.notes)
+        parked = store.mark_failed(self.db, outcome.failed, max_attempts=self.relay.max_attempts,
+                                   retry_base_s=self.relay.retry_base_s, retry_max_s=self.relay.retry_max_s)
         self.db.commit()
 
         stats = self.relay.stats
         stats.batches += 1
-        stats.published += len(published)
-        stats.unroutable_replies += len(unroutable)
-        self.published += len(published)
-        if unroutable:
-            self.log.info("replies nobody can receive", count=len(unroutable))
+        stats.published += published
+        stats.unroutable_replies += outcome.unroutable_replies
+        stats.unsubscribed_events += outcome.unsubscribed_events
+        stats.nacked += outcome.nacked
+        stats.parked += len(parked)
+        self.published += published
+        for row_id, error in outcome.failed.items():
+            self.log.warning("outbox row not published; it will be tried again", row_id=row_id, error=error)
+        for row in parked:
+            self.log.error("outbox row PARKED: it failed every attempt and is skipped, with the later events of "
+                           "its certificate, until an operator runs `intygstjanst outbox unpark`",
+                           row_id=row.id, routing_key=row.routing_key, message_id=row.message_id,
+                           attempts=row.attempts, error=row.error)
         full = len(batch) == self.relay.batch_size
-        self.busy, self.batch, self.outcome = False, [], []
-        self.by_message_id = {}
+        self.busy, self.batch, self.acked, self.returned, self.by_message_id = False, [], [], set(), {}
 
-        if failed is not None:
-            self.log.warning("outbox row not published, resending from it", row_id=failed[0].id,
-                             routing_key=failed[0].routing_key, error=failed[1], attempts=failed[0].attempts + 1)
-        if missing:
-            self._declare_recipients(sorted(missing - {""}))
-        elif failed is not None:
-            delay = min(0.05 * 2 ** min(failed[0].attempts, 7), 5.0)
-            self._timer("poll", delay, self._pump)
+        if outcome.missing_recipients:
+            self._declare_recipients(outcome.missing_recipients)
         elif full or self.again or self.stopping or self.until_empty:
             self._timer("poll", 0, self._pump)
         else:
             self._timer("poll", self.relay.poll_s, self._pump)
 
     def _declare_recipients(self, recipients: list[str]) -> None:
-        """Declare each missing `recipient.R` again and bind it, then publish again (from the first failure)."""
+        """Declare each missing `recipient.R` again and bind it, then go on publishing."""
         if not recipients:
             self._timer("poll", 0, self._pump)
             return
@@ -603,24 +568,7 @@ class _Session:
         self.channel.queue_declare(queue, durable=True, arguments=self.relay.recipient_queue_arguments,
                                    callback=self._guard(declared))
 
-    def _housekeeping(self) -> None:
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.relay.retention_s)
-        deleted = 0
-        try:
-            for _ in range(HOUSEKEEPING_CHUNKS):  # bounded, so publishing never waits long behind it
-                chunk = store.delete_published_before(self.db, cutoff, HOUSEKEEPING_CHUNK)
-                self.db.commit()
-                deleted += chunk
-                if chunk < HOUSEKEEPING_CHUNK:
-                    break
-        except Exception as exc:
-            self.db.rollback()  # a broken connection raises here and ends the term
-            self.log.warning("outbox housekeeping failed", error=_describe(exc))
-            return
-        if deleted:
-            self.log.info("outbox housekeeping", deleted=deleted)
-
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or exc.__class__.__name__
-    return f"{exc.__class__.__name__}: {text}"[:500]
+    text_ = str(exc) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text_}"[:500]

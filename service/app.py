@@ -31,6 +31,7 @@ from service.logging import get_logger
 from storage import migrate
 from storage.engine import make_engine
 from storage.errors import is_transient
+from storage.retention import Housekeeper, Retention
 
 
 class StartupAborted(RuntimeError):
@@ -61,6 +62,7 @@ class Service:
         self._listener: Any = None
         self._tracer_provider = tracer_provider
         self._own_tracer_provider = False  # made here, so shut down here
+        self._housekeeper: Housekeeper | None = None
 
     # -- start ---------------------------------------------------------------------------------------------------
 
@@ -80,9 +82,14 @@ class Service:
             self.relay = OutboxRelay(settings.amqp_url, self.engine, batch_size=settings.relay_batch_size,
                                      poll_s=settings.relay_poll_s, log=get_logger("intygstjanst.relay"),
                                      backoff_max_s=settings.reconnect_max_s,
+                                     max_attempts=settings.relay_max_attempts,
                                      recipient_queue_arguments=topology.RECIPIENT_ARGUMENTS)
             self._relay_thread = threading.Thread(target=self.relay.run, name="outbox-relay", daemon=True)
             self._relay_thread.start()
+            self._housekeeper = Housekeeper(self.engine, Retention(settings.dedup_window, settings.outbox_retention),
+                                            get_logger("intygstjanst.housekeeping"),
+                                            interval_s=settings.housekeeping_interval_s)
+            self._housekeeper.start()
             if not self.with_consumers:  # the consumers commit in other processes: hear them through NOTIFY
                 from publishers.wakeup import OutboxListener
 
@@ -138,6 +145,8 @@ class Service:
                 self.log.warning("consumer did not stop in time", queue=consumer.queue)
         if self._listener is not None:
             self._listener.stop()
+        if self._housekeeper is not None:
+            self._housekeeper.stop()
         if self.relay is not None:
             self.relay.stop(flush=True, timeout=max(1.0, min(10.0, deadline - time.monotonic())))
         if self._relay_thread is not None:

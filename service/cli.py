@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from service.dlq_cli import dlq_app
+from service.outbox_cli import outbox_app
 from service.settings import Settings
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app = typer.Typer(
 console = Console()
 
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(outbox_app, name="outbox")
 
 
 def _settings() -> Settings:

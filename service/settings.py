@@ -2,12 +2,13 @@
 `DATABASE_URL` as every PostgreSQL tool writes it; everything else has a default that works on a laptop."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from functools import cached_property
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.model import Catalogue, Recipient
@@ -33,6 +34,15 @@ DEFAULT_RECIPIENTS = (
     RecipientSetting(id="SKV", name="Skatteverket", certificate_types=["db"]),
     RecipientSetting(id="SOS", name="Socialstyrelsen", certificate_types=["doi"]),
 )
+
+def _seconds_or_iso(value: Any) -> Any:
+    """`604800` (seconds) as well as ISO 8601 (`P7D`, `PT24H`)."""
+    if isinstance(value, str) and value.strip().replace(".", "", 1).isdigit():
+        return float(value)
+    return value
+
+
+Duration = Annotated[dt.timedelta, BeforeValidator(_seconds_or_iso)]
 
 Role = Literal["care", "citizen-portal", "operator"]
 
@@ -61,6 +71,12 @@ class Settings(BaseSettings):
     bulk_batch_size: int = 500  # certificates per transaction when a care giver leaves
     relay_batch_size: int = 500
     relay_poll_s: float = 0.2
+    relay_max_attempts: int = Field(default=10, ge=1)  # failed publishes of one outbox row before it is parked
+    # How long a message_id is remembered (CONTRACT §8), and a published outbox row kept; ISO 8601 (P7D, PT24H)
+    # or seconds. Housekeeping deletes what is older every `housekeeping_interval_s`.
+    dedup_window: Duration = Field(default=dt.timedelta(days=7), gt=dt.timedelta(0))
+    outbox_retention: Duration = Field(default=dt.timedelta(hours=24), ge=dt.timedelta(0))
+    housekeeping_interval_s: float = Field(default=60.0, gt=0)
     enforce_roles: bool = False
     roles: dict[str, UserRole] = Field(default_factory=dict)  # broker user -> role
     log_level: str = "INFO"

@@ -137,6 +137,7 @@ class SqlCertificates:
         # without a query. An id leaves these sets as soon as this transaction adds or purges it.
         self._absent: set[str] = set()
         self._unpurged: set[str] = set()
+        self.purged: set[str] = set()  # purged in this transaction: the unit of work erases their outbox rows
 
     def known_absent(self, absent: Iterable[str], unpurged: Iterable[str]) -> None:
         """The warm-up found no certificate row for `absent` and no tombstone for `unpurged`: `get` answers None
@@ -284,6 +285,7 @@ class SqlCertificates:
         self._conn.execute(pg_insert(tombstones).values(certificate_id=certificate.id, purged_at=at, reason=reason)
                            .on_conflict_do_nothing(index_elements=[tombstones.c.certificate_id]))
         self._stored.pop(certificate.id, None)
+        self.purged.add(certificate.id)
 
     def _insert_statuses(self, certificate: Certificate, stored: int) -> None:
         new = certificate.statuses[stored:]

@@ -7,17 +7,34 @@ Timeouts are set as libpq start-up options, so they cost no round trip: a lock t
 `lock_timeout` and a statement running longer than `statement_timeout` become errors (`storage.errors` calls
 them transient) instead of a consumer that hangs forever with a message unacknowledged. The session time zone is
 UTC so that timestamps come back the same whatever the server's default.
+
+TCP keepalives on both ends (`KEEPALIVE`): after a network partition each side finds the other gone within about
+half a minute (10 s idle, then 3 probes 5 s apart; `tcp_user_timeout` for data left unacknowledged), instead of the
+kernel's two hours. On the server that ends a dead client's backend, and with it the locks it held, the relay's
+leader lock above all; `client_connection_check_interval` (PostgreSQL 14+) also ends a query whose client left.
 """
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool
 
 _SCHEMES = {"postgres", "postgresql"}
+
+# libpq's client side (seconds; tcp_user_timeout in ms) and the server's own, per session.
+KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+             "tcp_user_timeout": 30_000}
+SERVER_KEEPALIVE = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3",
+                    "tcp_user_timeout": "30000"}
+CLIENT_CHECK_INTERVAL_MS = 5_000  # PostgreSQL 14+: unknown to older servers, so set after connecting
+
+
+class SessionLost(RuntimeError):
+    """A one-session engine was asked for a second database session."""
 
 
 def to_sqlalchemy_url(database_url: str | URL) -> URL:
@@ -58,23 +75,47 @@ def make_engine(database_url: str | URL, *, pool_size: int = 5, max_overflow: in
         "statement_timeout": str(statement_timeout_ms),
         "idle_in_transaction_session_timeout": str(idle_in_transaction_timeout_ms),
         "timezone": "UTC",
+        **SERVER_KEEPALIVE,
     }
     options = _options(url, settings)
     url = url.difference_update_query(["options"])
-    connect_args = {"options": options, "application_name": application_name, "connect_timeout": 10}
+    connect_args = {"options": options, "application_name": application_name, "connect_timeout": 10, **KEEPALIVE}
     connect_args.update(engine_kwargs.pop("connect_args", {}))
-    engine = create_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        pool_use_lifo=True,
-        pool_recycle=1800,
-        pool_timeout=10,
-        connect_args=connect_args,
-        **engine_kwargs,
-    )
+    if engine_kwargs.get("poolclass") is not NullPool:
+        engine_kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_use_lifo=True, pool_recycle=1800,
+                             pool_timeout=10)
+    engine = create_engine(url, connect_args=connect_args, **engine_kwargs)
+    _check_client_while_running(engine)
     _ping_when_idle(engine, ping_after_idle_s)
     return engine
+
+
+def one_session(database_url: str | URL, **make_engine_kwargs: Any) -> Connection:
+    """A connection that is one database session for its whole life, for a holder of a session-level lock.
+
+    SQLAlchemy quietly gives a Connection whose session was lost a new one at its next statement (after a
+    rollback); that session would hold none of the old one's locks. Here the engine behind the connection opens
+    exactly one session: asked for another, it raises `SessionLost`. Closing the connection ends the session
+    (no pool keeps it)."""
+    engine = make_engine(database_url, poolclass=NullPool, **make_engine_kwargs)
+    opened = False
+
+    @event.listens_for(engine, "do_connect")
+    def _only_once(*_args: Any) -> None:
+        nonlocal opened
+        if opened:
+            raise SessionLost("this connection's database session is gone; a new one would not hold its locks")
+        opened = True
+
+    return engine.connect()
+
+
+def _check_client_while_running(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connected(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection.info.server_version >= 140000:
+            dbapi_connection.execute(f"SET client_connection_check_interval = {CLIENT_CHECK_INTERVAL_MS}")
+            dbapi_connection.commit()  # a SET inside a transaction that is later rolled back would be undone
 
 
 def _ping_when_idle(engine: Engine, idle_s: float) -> None:

@@ -97,6 +97,8 @@ inbox = Table(
     Column("handled_at", Timestamp, nullable=False, server_default=func.now()),
     Column("reply", JSONB, nullable=True),
     CheckConstraint("length(message_id) >= 1", name="message_id_not_empty"),
+    # Retention (`storage.retention`): entries older than DEDUP_WINDOW go, oldest first.
+    Index("ix_inbox_handled_at", "handled_at"),
 )
 
 outbox = Table(
@@ -114,9 +116,19 @@ outbox = Table(
     Column("published_at", Timestamp, nullable=True),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text, nullable=True),
+    # Rows with one key (a certificate id; NULL for replies) are published one at a time, in id order.
+    Column("ordering_key", CertificateId, nullable=True),
+    Column("retry_at", Timestamp, nullable=True),  # after a failed attempt: not again before this
+    Column("parked_at", Timestamp, nullable=True),  # failed RELAY_MAX_ATTEMPTS times: skipped until unparked
+    # Carries personal data (a recipient delivery, or any row of a purged certificate): deleted once published.
+    Column("erase_when_published", Boolean, nullable=False, server_default=text("false")),
     CheckConstraint("kind IN ('reply', 'event')", name="kind"),
-    # The relay's only query: the oldest unpublished rows; published ones drop out of the index.
+    # The relay's batch: the oldest unpublished rows; published ones drop out of the index.
     Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+    # Is an earlier row of this key still unpublished? And a purge's rows of one certificate.
+    Index("ix_outbox_ordering_key", "ordering_key", "id", postgresql_where=text("ordering_key IS NOT NULL")),
+    # Retention: published rows older than OUTBOX_RETENTION.
+    Index("ix_outbox_published_at", "published_at", postgresql_where=text("published_at IS NOT NULL")),
 )
 
 bulk_progress = Table(

@@ -113,6 +113,9 @@ class SqlUnitOfWork:
 
     def commit(self) -> None:
         conn = self._buffered()
+        if self.certificates.purged:  # after this transaction's own outbox rows are written (the next statement
+            outbox_store.erase_purged(conn, sorted(self.certificates.purged))  # flushes them first)
+            self.certificates.purged.clear()
         if self.outbox.added:
             outbox_store.notify(conn)  # flushes the buffered writes too
             self.outbox.added = False
@@ -126,6 +129,7 @@ class SqlUnitOfWork:
         self.outbox.added = False
         conn.rollback()
         self.certificates.forget()
+        self.certificates.purged.clear()
         self._forget_warm()
 
     def _buffered(self) -> BufferedConnection:

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -25,7 +26,8 @@ from storage import outbox as relay
 from storage.engine import make_engine, to_sqlalchemy_url
 from storage.errors import is_transient
 from storage.outbox import OutboxMessage
-from storage.tables import certificate_documents, certificate_statuses, certificates, consents, metadata, tombstones
+from storage.tables import (certificate_documents, certificate_statuses, certificates, consents, metadata, outbox,
+                            tombstones)
 from storage.uow import SqlUnitOfWork
 
 try:
@@ -121,7 +123,7 @@ def test_migrate_from_empty_then_again_is_a_no_op(database_url):
     with _FreshDatabase(database_url, "migrate") as url:
         assert migrate.current(url) is None
         migrate.upgrade(url)
-        assert migrate.current(url) == migrate.head() == "0002"
+        assert migrate.current(url) == migrate.head() == "0003"
         migrate.upgrade(url)
         assert migrate.current(url) == "0002"
         engine = make_engine(url)
@@ -422,13 +424,35 @@ def test_savepoint_rolls_back_only_the_failed_message(engine):
 
 
 # --- outbox -----------------------------------------------------------------------------------------------------
-def _message(n: int, kind: str = "event") -> OutboxMessage:
+def _message(n: int, kind: str = "event", key: str | None = None) -> OutboxMessage:
     return OutboxMessage(kind=kind, exchange="intyg.events" if kind == "event" else "",
                          routing_key=f"rk.{n}", message_id=f"msg-{n}", body=f'{{"n":{n},"å":"ä"}}'.encode(),
-                         correlation_id=f"c-{n}" if kind == "reply" else None, headers={"x-n": n})
+                         correlation_id=f"c-{n}" if kind == "reply" else None, headers={"x-n": n},
+                         ordering_key=key)
+
+
+@contextmanager
+def leading(engine):
+    """A connection whose session holds the relay lock, as the relay's statements require."""
+    with engine.connect() as conn:
+        assert relay.try_lead(conn)
+        conn.commit()
+        try:
+            yield conn
+        finally:
+            conn.rollback()
+            relay.release_lead(conn)
+            conn.commit()
+
+
+def _publish_everything(engine) -> None:
+    """What earlier tests left is not the next test's business."""
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE outbox SET published_at = now() WHERE published_at IS NULL"))
 
 
 def test_outbox_publishes_in_order(engine):
+    _publish_everything(engine)
     with SqlUnitOfWork(engine) as uow:
         uow.outbox.add([_message(1), _message(2), _message(3, "reply")])
         uow.commit()
@@ -439,7 +463,7 @@ def test_outbox_publishes_in_order(engine):
     with SqlUnitOfWork(engine) as uow:
         uow.outbox.add([_message(99)])  # rolled back: never published
 
-    with engine.connect() as conn:
+    with leading(engine) as conn:
         assert relay.pending_count(conn) == 4
         rows = relay.unpublished(conn, 10)
         assert [r.message_id for r in rows] == ["msg-1", "msg-2", "msg-3", "msg-4"]
@@ -449,33 +473,90 @@ def test_outbox_publishes_in_order(engine):
                 third.content_type, third.attempts) == (
             "reply", "", "rk.3", "c-3", {"x-n": 3}, '{"n":3,"å":"ä"}'.encode(), "application/json", 0)
         assert relay.mark_published(conn, [rows[0].id, rows[1].id]) == 2
-        relay.mark_failed(conn, rows[2].id, "channel closed " * 500)
+        assert relay.mark_failed(conn, {rows[2].id: "channel closed " * 500}, max_attempts=5,
+                                 retry_base_s=0) == []
         conn.commit()
         rest = relay.unpublished(conn, 10)
         assert [r.message_id for r in rest] == ["msg-3", "msg-4"]
         assert rest[0].attempts == 1
         assert relay.pending_count(conn) == 2
         assert relay.unpublished(conn, 1)[0].message_id == "msg-3"
-        assert relay.delete_published_before(conn, dt.datetime.now(UTC) + dt.timedelta(seconds=5)) == 2
+        error = conn.execute(select(outbox.c.last_error).where(outbox.c.id == rows[2].id)).scalar_one()
+        assert len(error) == relay.MAX_ERROR_LENGTH
+
+
+def test_a_batch_takes_one_row_per_certificate_and_a_failed_row_holds_up_only_its_own(engine):
+    _publish_everything(engine)
+    with SqlUnitOfWork(engine) as uow:
+        uow.outbox.add([_message(1, key="A"), _message(2, key="A"), _message(3, key="B"), _message(4, "reply"),
+                        _message(5, "reply"), _message(6, key="B"), _message(7, key="C")])
+        uow.commit()
+    with leading(engine) as conn:
+        first = relay.unpublished(conn, 10)
+        assert [r.message_id for r in first] == ["msg-1", "msg-3", "msg-4", "msg-5", "msg-7"]
+        by_id = {r.message_id: r.id for r in first}
+        relay.mark_published(conn, [by_id["msg-3"], by_id["msg-4"], by_id["msg-5"], by_id["msg-7"]])
+        relay.mark_failed(conn, {by_id["msg-1"]: "nacked"}, max_attempts=5, retry_base_s=3600)
         conn.commit()
-        assert relay.pending_count(conn) == 2
+        # msg-1 waits out its back-off, and msg-2 (same certificate) waits for it; B's next row goes on
+        assert [r.message_id for r in relay.unpublished(conn, 10)] == ["msg-6"]
+        assert relay.backing_off(conn)
+
+
+def test_a_row_that_fails_every_attempt_is_parked_until_unparked(engine):
+    _publish_everything(engine)
+    with SqlUnitOfWork(engine) as uow:
+        uow.outbox.add([_message(1, key="P"), _message(2, key="P"), _message(3, key="Q")])
+        uow.commit()
+    with leading(engine) as conn:
+        row = relay.unpublished(conn, 10)[0]
+        assert relay.mark_failed(conn, {row.id: "nacked"}, max_attempts=2, retry_base_s=0) == []
+        parked = relay.mark_failed(conn, {row.id: "nacked again"}, max_attempts=2, retry_base_s=0)
+        conn.commit()
+        assert [(p.id, p.message_id, p.attempts, p.error) for p in parked] == [(row.id, "msg-1", 2, "nacked again")]
+        assert [r.message_id for r in relay.unpublished(conn, 10)] == ["msg-3"]  # msg-2 stays behind msg-1
+        assert not relay.backing_off(conn)
+        assert [r.message_id for r in relay.parked_rows(conn)] == ["msg-1"] and relay.parked_count(conn) == 1
+        assert relay.unpark(conn, [row.id + 1000]) == 0
+        assert relay.unpark(conn, None) == 1
+        conn.commit()
+        again = relay.unpublished(conn, 10)
+        assert [(r.message_id, r.attempts) for r in again] == [("msg-1", 0), ("msg-3", 0)]
+
+
+def test_relay_statements_act_only_on_the_session_that_holds_the_lock(engine):
+    _publish_everything(engine)
+    with SqlUnitOfWork(engine) as uow:
+        uow.outbox.add([_message(1), _message(2)])
+        uow.commit()
+    with leading(engine) as leader, engine.connect() as other:
+        ids = [r.id for r in relay.unpublished(leader, 10)]
+        leader.commit()
+        assert relay.leads(leader) and not relay.leads(other)
+        with pytest.raises(relay.NotLeading):
+            relay.unpublished(other, 10)
+        other.rollback()
+        with pytest.raises(relay.NotLeading):
+            relay.mark_published(other, ids)
+        other.rollback()
+        with pytest.raises(relay.NotLeading):
+            relay.mark_failed(other, {ids[0]: "x"}, max_attempts=1)
+        other.rollback()
+        assert relay.pending_count(other) == 2
+        assert other.execute(select(func.max(outbox.c.attempts))).scalar_one() == 0
 
 
 def test_outbox_batch_stops_at_its_byte_budget_but_always_takes_the_first_row(engine):
-    with engine.connect() as conn:  # what earlier tests left is not this test's business
-        relay.mark_published(conn, [r.id for r in relay.unpublished(conn, 10_000)])
-        conn.commit()
+    _publish_everything(engine)
     big = [OutboxMessage(kind="event", exchange="intyg.events", routing_key=f"rk.big.{n}", message_id=f"big-{n}",
                          body=bytes([n]) * 1000) for n in range(5)]
     with SqlUnitOfWork(engine) as uow:
         uow.outbox.add(big)
         uow.commit()
-    with engine.connect() as conn:
+    with leading(engine) as conn:
         assert [r.message_id for r in relay.unpublished(conn, 10, max_bytes=2500)] == ["big-0", "big-1", "big-2"]
         assert [r.message_id for r in relay.unpublished(conn, 10, max_bytes=1)] == ["big-0"]
         assert [r.message_id for r in relay.unpublished(conn, 2, max_bytes=10**9)] == ["big-0", "big-1"]
-        relay.mark_published(conn, [r.id for r in relay.unpublished(conn, 10)])
-        conn.commit()
 
 
 def test_only_one_relay_leads(engine):
