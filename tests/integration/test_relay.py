@@ -16,7 +16,8 @@ from sqlalchemy import select, text
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, recipient_binding, recipient_queue
 from publishers.relay import UNROUTABLE_REPLY, OutboxRelay
 from storage.engine import make_engine
-from storage.outbox import RELAY_LOCK, OutboxMessage, SqlOutbox, pending_count
+from storage.outbox import (RELAY_LOCK, OutboxMessage, SqlOutbox, parked_rows, pending_count, release_lead,
+                            try_lead, unpark)
 from storage.tables import outbox
 from service.topology import declare_exchanges
 
@@ -140,6 +141,30 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def lock_holder(engine) -> int | None:
+    """The backend that holds the relay lock in this database."""
+    with engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = :a AND objid = :b AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
+            {"a": RELAY_LOCK[0], "b": RELAY_LOCK[1]}).scalar_one_or_none()
+
+
+class ListLog:
+    """A logger that keeps (message, fields) of every line."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict]] = []
+
+    def bind(self, **_fields) -> ListLog:
+        return self
+
+    def _keep(self, message: str, **fields) -> None:
+        self.lines.append((message, fields))
+
+    info = warning = error = _keep
 
 
 def rows(engine) -> list:
@@ -268,21 +293,101 @@ def test_two_relays_on_one_database_only_one_publishes_and_the_other_takes_over(
 
 
 def test_a_nacked_row_is_sent_again_and_later_rows_never_overtake_it(engine, channel, make_relay, tag):
-    # A queue that takes one message at a time and nacks the rest (reject-publish): the relay must stop at the
-    # first nacked row, count the attempt, and send from there again until the broker takes it.
+    # A queue that takes one message at a time and nacks the rest (reject-publish): the relay must try the nacked
+    # row again, count the attempt, and publish the certificate's later rows only after it.
     full = channel.queue_declare("", exclusive=True,
                                  arguments={"x-max-length": 1, "x-overflow": "reject-publish"}).method.queue
     channel.queue_bind(full, EVENTS_EXCHANGE, routing_key=f"certificate.{tag}.#")
-    write(engine, *[event(f"certificate.{tag}.registered", f"{tag}-{i}") for i in range(3)])
+    channel.basic_publish("", full, b"{}", pika.BasicProperties(message_id=f"{tag}-blocker"))  # full now
+    write(engine, *[event(f"certificate.{tag}.registered", f"{tag}-{i}", ordering_key="cert-1") for i in range(3)])
     relay = make_relay(start=True)
+    wait_for(lambda: relay.stats.nacked >= 2, what="nacks while the queue is full")
+    got = [p.message_id for _, p, _ in drain(channel, full, 1)]
+    assert got == [f"{tag}-blocker"]
     got = []
     deadline = time.monotonic() + 20
     while len(got) < 3 and time.monotonic() < deadline:
         got += [p.message_id for _, p, _ in drain(channel, full, 1, timeout=0.5)]
     assert got == [f"{tag}-{i}" for i in range(3)]
     wait_for(lambda: pending(engine) == 0, what="marks")
-    assert relay.stats.nacked >= 1
-    assert rows(engine)[1].attempts >= 1 and rows(engine)[1].last_error == "nacked by the broker"
+    first = rows(engine)[0]
+    assert first.attempts >= 2 and first.last_error == "nacked by the broker"
+
+
+def test_a_certificates_events_keep_their_order_across_nacks_and_a_parked_row_holds_up_only_its_own(
+        engine, channel, make_relay, tag):
+    recipient = f"R{tag.upper()}"
+    watch = observe(channel, f"recipient.{recipient}.#", f"certificate.{tag}.#")
+    # The recipient's queue refuses everything (publisher nack); the delivery is still routed to `watch`, so each
+    # attempt shows there.
+    refuses = channel.queue_declare("", exclusive=True,
+                                    arguments={"x-max-length": 0, "x-overflow": "reject-publish"}).method.queue
+    channel.queue_bind(refuses, EVENTS_EXCHANGE, routing_key=f"recipient.{recipient}.#")
+    write(engine,
+          event(f"recipient.{recipient}.certificate.sent", f"{tag}-x-sent", ordering_key="X"),
+          event(f"certificate.{tag}.revoked", f"{tag}-x-revoked", ordering_key="X"),
+          event(f"certificate.{tag}.registered", f"{tag}-y-registered", ordering_key="Y"),
+          event(f"certificate.{tag}.sent", f"{tag}-y-sent", ordering_key="Y"))
+    relay = make_relay(start=True, max_attempts=3, retry_base_s=0.05)
+    wait_for(lambda: relay.stats.parked == 1, what="the refused delivery to be parked")
+
+    with engine.connect() as conn:
+        parked = parked_rows(conn)
+    assert [(r.message_id, r.attempts, r.last_error) for r in parked] == [(f"{tag}-x-sent", 3, "nacked by the broker")]
+    time.sleep(0.3)  # rounds go on: Y is published, X's revoke waits behind its parked delivery
+    seen = [p.message_id for _, p, _ in drain(channel, watch, 10, timeout=1)]
+    assert [m for m in seen if "-y-" in m] == [f"{tag}-y-registered", f"{tag}-y-sent"]
+    assert [m for m in seen if "-x-" in m] == [f"{tag}-x-sent"] * 3  # three refused attempts, no revoke
+    assert pending(engine) == 2
+
+    channel.queue_delete(refuses)  # the operator fixes the recipient's queue, then unparks
+    with engine.begin() as conn:
+        assert unpark(conn, None) == 1
+    relay.wake()
+    after = [p.message_id for _, p, _ in drain(channel, watch, 2, timeout=10)]
+    assert after == [f"{tag}-x-sent", f"{tag}-x-revoked"]
+    wait_for(lambda: pending(engine) == 0, what="marks")
+
+
+def test_a_relay_whose_session_was_terminated_publishes_nothing_until_it_leads_again(engine, channel, make_relay,
+                                                                                      tag):
+    events_q = observe(channel, f"certificate.{tag}.#")
+    relay = make_relay(start=True, backoff_initial_s=0.05)
+    wait_for(lambda: relay.stats.connected, what="the relay")
+    with engine.connect() as rival:
+        holder = lock_holder(engine)
+        assert holder == relay.stats.backend_pid
+        # Terminate the leader's backend and take the lock before the relay can: it must notice, not publish.
+        rival.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": holder})
+        rival.commit()
+        wait_for(lambda: try_lead(rival), what="the rival to take the lock")
+        rival.commit()
+        write(engine, *[event(f"certificate.{tag}.registered", f"{tag}-{i}") for i in range(5)], wake=[relay])
+        time.sleep(1.0)
+        assert drain(channel, events_q, 1, timeout=0.2) == []
+        assert pending(engine) == 5 and not relay.stats.leader and relay.stats.interruptions >= 1
+        terms = relay.stats.terms
+        release_lead(rival)
+        rival.commit()
+        got = drain(channel, events_q, 5, timeout=10)
+    assert [p.message_id for _, p, _ in got] == [f"{tag}-{i}" for i in range(5)]
+    assert relay.stats.terms == terms + 1
+    wait_for(lambda: pending(engine) == 0, what="marks")
+
+
+def test_the_relays_database_session_carries_tcp_keepalives(engine, make_relay):
+    log = ListLog()
+    relay = make_relay(start=True, log=log, connection_name="relay-keepalive-test")
+    wait_for(lambda: relay.stats.connected, what="the relay")
+    (leads,) = [fields for message, fields in log.lines if message == "relay leads"]
+    # read by the relay on its own session: the server-side settings in force there
+    assert (leads["tcp_keepalives_idle"], leads["tcp_keepalives_interval"], leads["tcp_keepalives_count"]) == (
+        "10", "5", "3")
+    assert leads["backend_pid"] == lock_holder(engine)
+    with engine.connect() as conn:
+        name = conn.execute(text("SELECT application_name FROM pg_stat_activity WHERE pid = :pid"),
+                            {"pid": leads["backend_pid"]}).scalar_one()
+    assert name == "relay-keepalive-test"
 
 
 def test_wake_publishes_at_once_without_waiting_for_the_poll(engine, channel, make_relay, tag):

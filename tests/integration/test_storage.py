@@ -125,7 +125,7 @@ def test_migrate_from_empty_then_again_is_a_no_op(database_url):
         migrate.upgrade(url)
         assert migrate.current(url) == migrate.head() == "0003"
         migrate.upgrade(url)
-        assert migrate.current(url) == "0002"
+        assert migrate.current(url) == "0003"
         engine = make_engine(url)
         try:
             with engine.connect() as conn:
