@@ -464,7 +464,7 @@ class _Session:
         rows = store.unpublished(self.db, self.relay.batch_size)  # raises NotLeading without the lock
         self.db.commit()
         if not rows:
-            if self.stopping or (self.until_empty and not store.backing_off(self.db)):
+            if self.stopping or (self.until_empty and not store.retrying(self.db)):
                 self._close()
             else:
                 self._timer("poll", self.relay.poll_s, self._pump)

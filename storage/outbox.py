@@ -222,10 +222,10 @@ def pending_count(conn: Connection) -> int:
     return conn.execute(select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))).scalar_one()
 
 
-def backing_off(conn: Connection) -> bool:
-    """Is a row waiting out its back-off after a failed attempt (due again soon, unlike a parked one)?"""
+def retrying(conn: Connection) -> bool:
+    """Is a row to be tried again after a failed attempt (due now or soon, unlike a parked one)?"""
     return conn.execute(select(outbox.c.id).where(outbox.c.published_at.is_(None), outbox.c.parked_at.is_(None),
-                                                  outbox.c.retry_at > func.now()).limit(1)).first() is not None
+                                                  outbox.c.retry_at.is_not(None)).limit(1)).first() is not None
 
 
 def parked_rows(conn: Connection, limit: int = 100) -> list[Row]:

@@ -500,7 +500,7 @@ def test_a_batch_takes_one_row_per_certificate_and_a_failed_row_holds_up_only_it
         conn.commit()
         # msg-1 waits out its back-off, and msg-2 (same certificate) waits for it; B's next row goes on
         assert [r.message_id for r in relay.unpublished(conn, 10)] == ["msg-6"]
-        assert relay.backing_off(conn)
+        assert relay.retrying(conn)
 
 
 def test_a_row_that_fails_every_attempt_is_parked_until_unparked(engine):
@@ -515,7 +515,7 @@ def test_a_row_that_fails_every_attempt_is_parked_until_unparked(engine):
         conn.commit()
         assert [(p.id, p.message_id, p.attempts, p.error) for p in parked] == [(row.id, "msg-1", 2, "nacked again")]
         assert [r.message_id for r in relay.unpublished(conn, 10)] == ["msg-3"]  # msg-2 stays behind msg-1
-        assert not relay.backing_off(conn)
+        assert not relay.retrying(conn)
         assert [r.message_id for r in relay.parked_rows(conn)] == ["msg-1"] and relay.parked_count(conn) == 1
         assert relay.unpark(conn, [row.id + 1000]) == 0
         assert relay.unpark(conn, None) == 1
