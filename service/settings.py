@@ -35,6 +35,7 @@ DEFAULT_RECIPIENTS = (
     RecipientSetting(id="SOS", name="Socialstyrelsen", certificate_types=["doi"]),
 )
 
+
 def _seconds_or_iso(value: Any) -> Any:
     """`604800` (seconds) as well as ISO 8601 (`P7D`, `PT24H`)."""
     if isinstance(value, str) and value.strip().replace(".", "", 1).isdigit():

@@ -266,3 +266,37 @@ def test_the_housekeeper_logs_what_each_round_removed(engine):
         keeper.stop()
         keeper.join(5)
     assert lines[0] == ("housekeeping round", {"deleted_bulk_progress": 0, "deleted_inbox": 1, "deleted_outbox": 0})
+
+
+# --- operators ----------------------------------------------------------------------------------------------------
+def test_operators_list_parked_rows_and_unpark_them(engine):
+    from typer.testing import CliRunner
+
+    from service.outbox_cli import outbox_app
+
+    with engine.begin() as conn:
+        conn.execute(outbox.insert(), [{"kind": "event", "exchange": EVENTS_EXCHANGE, "routing_key": f"certificate.{n}",
+                                        "message_id": f"m-{n}", "content_type": "application/json", "body": b"{}",
+                                        "ordering_key": "cert-1", "attempts": 10, "last_error": "nacked"}
+                                       for n in range(3)])
+        conn.execute(outbox.update().where(outbox.c.message_id.in_(["m-0", "m-1"])).values(parked_at=func.now()))
+    runner = CliRunner()
+    env = {"DATABASE_URL": engine.url.render_as_string(hide_password=False)}
+
+    listed = runner.invoke(outbox_app, ["parked", "--json"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert [(r["message_id"], r["attempts"], r["last_error"], r["ordering_key"]) for r in json.loads(listed.output)] \
+        == [("m-0", 10, "nacked", "cert-1"), ("m-1", 10, "nacked", "cert-1")]
+    assert "m-0" in runner.invoke(outbox_app, ["parked"], env=env).output
+
+    assert runner.invoke(outbox_app, ["unpark"], env=env).exit_code != 0  # nothing in particular: refused
+    first_id = json.loads(listed.output)[0]["id"]
+    one = runner.invoke(outbox_app, ["unpark", str(first_id)], env=env)
+    assert one.exit_code == 0 and "unparked 1" in one.output
+    rest = runner.invoke(outbox_app, ["unpark", "--all"], env=env)
+    assert rest.exit_code == 0 and "unparked 1" in rest.output
+    with engine.connect() as conn:
+        assert conn.execute(select(outbox.c.message_id, outbox.c.attempts).where(outbox.c.parked_at.is_not(None))
+                            ).all() == []
+        assert set(conn.execute(select(outbox.c.attempts)).scalars()) == {0, 10}  # m-2 was never parked
+    assert "no parked outbox rows" in runner.invoke(outbox_app, ["parked"], env=env).output

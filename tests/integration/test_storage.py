@@ -17,13 +17,13 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, insert, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 
 from domain.model import Certificate, StatusChange
 from domain.ports import CitizenFilter, PageKey
 from storage import migrate
 from storage import outbox as relay
-from storage.engine import make_engine, to_sqlalchemy_url
+from storage.engine import SessionLost, make_engine, one_session, to_sqlalchemy_url
 from storage.errors import is_transient
 from storage.outbox import OutboxMessage
 from storage.tables import (certificate_documents, certificate_statuses, certificates, consents, metadata, outbox,
@@ -698,3 +698,40 @@ def test_a_lost_connection_is_transient(engine, storage_url):
     # And the pool recovers: pre-ping replaces the dead connection.
     with SqlUnitOfWork(engine) as uow:
         assert uow.certificates.get("anything") is None
+
+
+def test_a_one_session_connection_never_continues_on_a_new_session(engine, storage_url):
+    """The relay's lock is its session's: after the session is lost, no statement may run on a fresh one."""
+    conn = one_session(storage_url, application_name="one-session-test")
+    try:
+        assert relay.try_lead(conn)
+        conn.commit()
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        conn.commit()
+        with engine.connect() as killer:
+            killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(DBAPIError):
+            conn.execute(text("SELECT 1"))
+        conn.rollback()  # a plain pooled Connection would reconnect at its next statement
+        with pytest.raises(StatementError) as raised:
+            conn.execute(text("SELECT pg_backend_pid()"))
+        assert isinstance(raised.value.orig, SessionLost)
+    finally:
+        conn.close()
+
+
+def test_every_session_carries_tcp_keepalives_on_both_ends(storage_url):
+    conn = one_session(storage_url)
+    try:
+        shown = {name: conn.execute(text(f"SHOW {name}")).scalar_one()
+                 for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
+                              "tcp_user_timeout", "client_connection_check_interval")}
+        client = conn.connection.dbapi_connection.info.get_parameters()
+    finally:
+        conn.close()
+    assert shown == {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3",
+                     "tcp_user_timeout": "30000", "client_connection_check_interval": "5s"}
+    assert {k: client[k] for k in ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                                   "tcp_user_timeout")} == {
+        "keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
+        "tcp_user_timeout": "30000"}
