@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import Engine
 
+from storage.engine import KEEPALIVE
 from storage.outbox import NOTIFY_CHANNEL
 
 
@@ -30,7 +31,8 @@ class OutboxListener(threading.Thread):
         backoff = 0.5
         while not self._stopped.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                # keepalives: a partition must not leave it waiting on a dead socket for hours
+                with psycopg.connect(self._conninfo, autocommit=True, **KEEPALIVE) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     backoff = 0.5
                     while not self._stopped.is_set():
