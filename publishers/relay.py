@@ -284,7 +284,7 @@ class _Session:
         self.timers: dict[str, object] = {}
         # the batch in flight
         self.busy = False
-        self.again = False
+        self.limit = relay.batch_size  # smaller while fetches are too slow to publish safely
         self.batch: list[OutboxRow] = []
         self.acked: list[bool] = []
         self.returned: set[int] = set()
@@ -400,9 +400,7 @@ class _Session:
         self.relay._woken()
         if self.closing:
             return
-        if self.busy:
-            self.again = True
-        elif self.channel is not None:
+        if not self.busy and self.channel is not None:  # a busy session looks again once its batch is settled
             self._pump()
 
     def on_stop(self) -> None:
@@ -449,8 +447,7 @@ class _Session:
         if self.closing:
             return
         if self.busy:
-            self.again = True
-            return
+            return  # `_settle` pumps again
         self._cancel("poll")
         if (self.stopping and not self.flush) or time.monotonic() >= self.deadline:
             self._close()
@@ -461,7 +458,7 @@ class _Session:
             self._timer("poll", self.may_publish_at - time.monotonic(), self._pump)
             return
         fetched_from = time.monotonic()
-        rows = store.unpublished(self.db, self.relay.batch_size)  # raises NotLeading without the lock
+        rows = store.unpublished(self.db, self.limit)  # raises NotLeading without the lock
         self.db.commit()
         if not rows:
             if self.stopping or (self.until_empty and not store.retrying(self.db)):
@@ -471,12 +468,15 @@ class _Session:
             self.db.commit()
             return
         if time.monotonic() - fetched_from > self.relay.takeover_grace_s / 2:
-            # The lock was proven too long ago: a successor may be publishing by now. Prove it again.
+            # The lock was proven too long ago: a successor may be publishing by now. Prove it again, with a
+            # smaller batch (a busy database or a starved process must not stop the relay altogether).
+            self.limit = max(1, self.limit // 2)
             self.log.warning("outbox batch fetched too slowly to publish safely; fetching again",
-                             ms=round((time.monotonic() - fetched_from) * 1000))
+                             ms=round((time.monotonic() - fetched_from) * 1000), batch_size=self.limit)
             self._timer("poll", 0, self._pump)
             return
-        self.busy, self.again = True, False
+        self.limit = min(self.relay.batch_size, self.limit * 2)
+        self.busy = True
         self.batch, self.acked, self.returned = rows, [False] * len(rows), set()
         self.outstanding, self.by_message_id = {}, {}
         publish = self.channel.basic_publish
@@ -538,15 +538,11 @@ class _Session:
                            "its certificate, until an operator runs `intygstjanst outbox unpark`",
                            row_id=row.id, routing_key=row.routing_key, message_id=row.message_id,
                            attempts=row.attempts, error=row.error)
-        full = len(batch) == self.relay.batch_size
         self.busy, self.batch, self.acked, self.returned, self.by_message_id = False, [], [], set(), {}
-
         if outcome.missing_recipients:
             self._declare_recipients(outcome.missing_recipients)
-        elif full or self.again or self.stopping or self.until_empty:
+        else:  # there may be more (the next event of a certificate, say); an empty batch waits for the poll
             self._timer("poll", 0, self._pump)
-        else:
-            self._timer("poll", self.relay.poll_s, self._pump)
 
     def _declare_recipients(self, recipients: list[str]) -> None:
         """Declare each missing `recipient.R` again and bind it, then go on publishing."""

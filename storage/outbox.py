@@ -126,21 +126,33 @@ def leads(conn: Connection) -> bool:
 
 
 # --- the relay's statements ---------------------------------------------------------------------------------------
-# A batch: the oldest rows that are due, at most one per ordering key (the lowest unpublished id of the key, parked
-# or not: a parked row holds up the later rows of its key), and no more rows once their bodies add up to
-# `max_bytes` (always the first): 500 recipient deliveries of 4 MiB each must not all be in memory at once.
+# A batch: the oldest rows that are due, at most one per ordering key (the lowest unpublished id of the key), and no
+# more rows once their bodies add up to `max_bytes` (always the first): 500 recipient deliveries of 4 MiB each must
+# not all be in memory at once. The scan is bounded: it looks at the oldest `window` rows that are not held up
+# behind a parked row or one waiting out its back-off (`ix_outbox_failed`, a handful of rows), and takes each key's
+# first among them; the oldest of those is always a key's head, so the relay never stalls.
 _UNPUBLISHED = text(f"""
-    SELECT id, attempts, kind, exchange, routing_key, message_id, body, correlation_id, headers, content_type
-    FROM (SELECT o.*, sum(octet_length(o.body)) OVER (ORDER BY o.id) - octet_length(o.body) AS bytes_before
-          FROM outbox o
-          WHERE o.published_at IS NULL AND o.parked_at IS NULL AND (o.retry_at IS NULL OR o.retry_at <= now())
-            AND (o.ordering_key IS NULL OR NOT EXISTS (
-                     SELECT 1 FROM outbox e
-                     WHERE e.ordering_key = o.ordering_key AND e.id < o.id AND e.published_at IS NULL))
-            AND {_LEADS}
-          ORDER BY o.id LIMIT :limit) batch
-    WHERE bytes_before < :max_bytes
-    ORDER BY id""")
+    WITH candidates AS (
+        SELECT o.id, o.ordering_key, o.body FROM outbox o
+        WHERE o.published_at IS NULL AND o.parked_at IS NULL AND (o.retry_at IS NULL OR o.retry_at <= now())
+          AND (o.ordering_key IS NULL OR NOT EXISTS (
+                   SELECT 1 FROM outbox f
+                   WHERE f.ordering_key = o.ordering_key AND f.id < o.id AND f.published_at IS NULL
+                     AND f.retry_at IS NOT NULL AND (f.parked_at IS NOT NULL OR f.retry_at > now())))
+          AND {_LEADS}
+        ORDER BY o.id LIMIT :window),
+    heads AS (
+        SELECT id, body, ordering_key IS NULL
+                         OR row_number() OVER (PARTITION BY ordering_key ORDER BY id) = 1 AS head
+        FROM candidates),
+    batch AS (
+        SELECT id, sum(octet_length(body)) OVER (ORDER BY id) - octet_length(body) AS bytes_before
+        FROM heads WHERE head ORDER BY id LIMIT :limit)
+    SELECT o.id, o.attempts, o.kind, o.exchange, o.routing_key, o.message_id, o.body, o.correlation_id, o.headers,
+           o.content_type
+    FROM batch JOIN outbox o ON o.id = batch.id
+    WHERE batch.bytes_before < :max_bytes
+    ORDER BY o.id""")
 
 # Confirmed rows: erased if they carry personal data, else marked published (with a note, say 'unroutable reply').
 _MARK_PUBLISHED = text(f"""
@@ -171,7 +183,8 @@ _MARK_FAILED = text(f"""
 
 def unpublished(conn: Connection, limit: int, max_bytes: int = 64 * 1024 * 1024) -> list[OutboxRow]:
     """The next batch, in publication (id) order. Raises `NotLeading` if this session does not hold the lock."""
-    rows = conn.execute(_UNPUBLISHED, {"limit": limit, "max_bytes": max_bytes}).all()
+    rows = conn.execute(_UNPUBLISHED, {"limit": limit, "window": max(10 * limit, 1000),
+                                       "max_bytes": max_bytes}).all()
     if not rows and not leads(conn):  # an empty batch says nothing about the lock: ask
         raise NotLeading("the relay's session does not hold the relay lock")
     return [_outbox_row(*r) for r in rows]

@@ -125,8 +125,11 @@ outbox = Table(
     CheckConstraint("kind IN ('reply', 'event')", name="kind"),
     # The relay's batch: the oldest unpublished rows; published ones drop out of the index.
     Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
-    # Is an earlier row of this key still unpublished? And a purge's rows of one certificate.
+    # A purge's rows of one certificate.
     Index("ix_outbox_ordering_key", "ordering_key", "id", postgresql_where=text("ordering_key IS NOT NULL")),
+    # The few rows that failed and are not yet published: what holds up the later rows of their key.
+    Index("ix_outbox_failed", "ordering_key", "id",
+          postgresql_where=text("published_at IS NULL AND retry_at IS NOT NULL")),
     # Retention: published rows older than OUTBOX_RETENTION.
     Index("ix_outbox_published_at", "published_at", postgresql_where=text("published_at IS NOT NULL")),
 )

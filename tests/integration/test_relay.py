@@ -352,7 +352,7 @@ def test_a_certificates_events_keep_their_order_across_nacks_and_a_parked_row_ho
 def test_a_relay_whose_session_was_terminated_publishes_nothing_until_it_leads_again(engine, channel, make_relay,
                                                                                       tag):
     events_q = observe(channel, f"certificate.{tag}.#")
-    relay = make_relay(start=True, backoff_initial_s=0.05)
+    relay = make_relay(start=True, backoff_initial_s=1.0, backoff_max_s=1.0)  # the rival asks first
     wait_for(lambda: relay.stats.connected, what="the relay")
     with engine.connect() as rival:
         holder = lock_holder(engine)

@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KILLS = 8
 CERTIFICATES = 40
-GRACE_S = 0.4
+GRACE_S = 1.0
 
 
 @pytest.fixture(scope="module")

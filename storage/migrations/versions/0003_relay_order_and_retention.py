@@ -6,6 +6,7 @@ retention deletes by (issue 6: defects 6, 7, 8).
 - `outbox.retry_at`, `outbox.parked_at`: back-off after a failed attempt; parked after RELAY_MAX_ATTEMPTS.
 - `outbox.erase_when_published`: recipient deliveries and every row of a purged certificate are deleted as soon
   as they are published instead of kept for OUTBOX_RETENTION.
+- `ix_outbox_failed`: the few rows that failed, which hold up the later rows of their certificate.
 - `ix_inbox_handled_at`, `ix_outbox_published_at`: retention finds old rows without scanning the table.
 
 Adding the columns is instant (no table rewrite). The indexes are built in the migration's transaction, which
@@ -36,6 +37,8 @@ def upgrade() -> None:
                                       nullable=False))
     op.create_index(op.f("ix_outbox_ordering_key"), "outbox", ["ordering_key", "id"],
                     postgresql_where=sa.text("ordering_key IS NOT NULL"))
+    op.create_index(op.f("ix_outbox_failed"), "outbox", ["ordering_key", "id"],
+                    postgresql_where=sa.text("published_at IS NULL AND retry_at IS NOT NULL"))
     op.create_index(op.f("ix_outbox_published_at"), "outbox", ["published_at"],
                     postgresql_where=sa.text("published_at IS NOT NULL"))
     op.create_index(op.f("ix_inbox_handled_at"), "inbox", ["handled_at"], if_not_exists=True)
@@ -44,6 +47,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index(op.f("ix_inbox_handled_at"), table_name="inbox")
     op.drop_index(op.f("ix_outbox_published_at"), table_name="outbox")
+    op.drop_index(op.f("ix_outbox_failed"), table_name="outbox")
     op.drop_index(op.f("ix_outbox_ordering_key"), table_name="outbox")
     for column in ("erase_when_published", "parked_at", "retry_at", "ordering_key"):
         op.drop_column("outbox", column)
