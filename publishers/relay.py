@@ -46,6 +46,7 @@ from sqlalchemy import Connection, Engine
 
 from contracts.topology import EVENTS_EXCHANGE, recipient_binding, recipient_queue
 from storage import outbox as store
+from storage.access_log import prune_access_log
 from storage.outbox import OutboxRow
 
 UNROUTABLE_REPLY = "unroutable reply"
@@ -116,6 +117,7 @@ class OutboxRelay:
                  log: Any = None, lead_poll_s: float = 3.0, confirm_timeout_s: float = 30.0,
                  backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
                  retention_s: float = 86_400.0, housekeeping_s: float = 300.0,
+                 access_log_retention_s: float | None = None,
                  recipient_queue_arguments: Mapping[str, Any] | None = None,
                  connection_name: str = "intygstjanst-relay") -> None:
         if batch_size < 1:
@@ -129,6 +131,7 @@ class OutboxRelay:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.retention_s = retention_s
+        self.access_log_retention_s = access_log_retention_s  # CONTRACT §9; None: not this relay's job
         self.housekeeping_s = housekeeping_s
         self.recipient_queue_arguments = dict(recipient_queue_arguments) if recipient_queue_arguments else None
         self.connection_name = connection_name
@@ -604,21 +607,28 @@ class _Session:
                                    callback=self._guard(declared))
 
     def _housekeeping(self) -> None:
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.relay.retention_s)
+        now = dt.datetime.now(dt.UTC)
+        if self._prune("outbox", store.delete_published_before, now - dt.timedelta(seconds=self.relay.retention_s)) \
+                and self.relay.access_log_retention_s is not None:
+            self._prune("access log", prune_access_log,
+                        now - dt.timedelta(seconds=self.relay.access_log_retention_s))
+
+    def _prune(self, what: str, delete: Callable[[Connection, dt.datetime, int], int], cutoff: dt.datetime) -> bool:
         deleted = 0
         try:
             for _ in range(HOUSEKEEPING_CHUNKS):  # bounded, so publishing never waits long behind it
-                chunk = store.delete_published_before(self.db, cutoff, HOUSEKEEPING_CHUNK)
+                chunk = delete(self.db, cutoff, HOUSEKEEPING_CHUNK)
                 self.db.commit()
                 deleted += chunk
                 if chunk < HOUSEKEEPING_CHUNK:
                     break
         except Exception as exc:
             self.db.rollback()  # a broken connection raises here and ends the term
-            self.log.warning("outbox housekeeping failed", error=_describe(exc))
-            return
+            self.log.warning(f"{what} housekeeping failed", error=_describe(exc))
+            return False
         if deleted:
-            self.log.info("outbox housekeeping", deleted=deleted)
+            self.log.info(f"{what} housekeeping", deleted=deleted)
+        return True
 
 
 def _describe(exc: BaseException) -> str:

@@ -80,6 +80,7 @@ class Service:
             self.relay = OutboxRelay(settings.amqp_url, self.engine, batch_size=settings.relay_batch_size,
                                      poll_s=settings.relay_poll_s, log=get_logger("intygstjanst.relay"),
                                      backoff_max_s=settings.reconnect_max_s,
+                                     access_log_retention_s=settings.access_log_retention.total_seconds(),
                                      recipient_queue_arguments=topology.RECIPIENT_ARGUMENTS)
             self._relay_thread = threading.Thread(target=self.relay.run, name="outbox-relay", daemon=True)
             self._relay_thread.start()

@@ -1,0 +1,79 @@
+"""`domain.ports.AccessLog` on PostgreSQL, and the retention job's batched delete (CONTRACT §9).
+
+Entries are written at once, not buffered with the other inserts (`storage.writes`): the handler must learn
+which are new (`ON CONFLICT DO NOTHING ... RETURNING`), so that a redelivered query, which the inbox does not keep,
+neither logs nor publishes an entry twice.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Connection, Integer, Select, bindparam, delete, select, text, tuple_
+
+from domain.access import Access
+from domain.ports import AccessFilter, AccessKey
+from storage.certificates import day_start, midnight
+from storage.tables import access_log as log
+
+_FIELDS = ("message_id", "certificate_id", "at", "action", "certificate_type", "patient_id", "care_giver_id",
+           "person_id", "person_name", "care_unit_id")
+_ARRAY_TYPES = ("varchar", "text", "timestamptz", "text", "text", "bpchar", "text", "text", "text", "text")
+_ADD = text(
+    f"INSERT INTO access_log ({', '.join(_FIELDS)}) "
+    f"SELECT * FROM unnest({', '.join(f'CAST(:{n} AS {t}[])' for n, t in zip(_FIELDS, _ARRAY_TYPES))}) "
+    "ON CONFLICT (message_id, certificate_id) DO NOTHING RETURNING message_id, certificate_id")
+_SELECT = select(*(log.c[name] for name in _FIELDS))
+
+
+@lru_cache(maxsize=None)
+def _page(day_from: bool, day_to: bool, after: bool) -> Select:
+    conditions = [log.c.patient_id == bindparam("patient_id")]
+    if day_from:
+        conditions.append(log.c.at >= day_start("day_from"))
+    if day_to:
+        conditions.append(log.c.at < day_start("day_after"))
+    if after:
+        conditions.append(tuple_(log.c.at, log.c.message_id, log.c.certificate_id) < tuple_(
+            bindparam("after_at", type_=log.c.at.type), bindparam("after_message_id", type_=log.c.message_id.type),
+            bindparam("after_certificate_id", type_=log.c.certificate_id.type)))
+    return (_SELECT.where(*conditions)
+            .order_by(log.c.at.desc(), log.c.message_id.desc(), log.c.certificate_id.desc())
+            .limit(bindparam("limit", type_=Integer)))
+
+
+class SqlAccessLog:
+    def __init__(self, connection: Connection) -> None:
+        self._conn = connection
+
+    def add(self, entries: Sequence[Access]) -> list[Access]:
+        if not entries:
+            return []
+        columns = {name: [getattr(e, name) for e in entries] for name in _FIELDS}
+        stored = {(row.message_id, row.certificate_id) for row in self._conn.execute(_ADD, columns)}
+        return [e for e in entries if (e.message_id, e.certificate_id) in stored]
+
+    def list_for_patient(self, query: AccessFilter, after: AccessKey | None, limit: int) -> list[Access]:
+        params: dict[str, Any] = {"patient_id": query.patient_id, "limit": limit}
+        if query.day_from is not None:
+            params["day_from"] = midnight(query.day_from)
+        if query.day_to is not None:
+            params["day_after"] = midnight(query.day_to + dt.timedelta(days=1))
+        if after is not None:
+            params.update(after_at=after.at, after_message_id=after.message_id,
+                          after_certificate_id=after.certificate_id)
+        statement = _page(query.day_from is not None, query.day_to is not None, after is not None)
+        return [Access(**row._mapping) for row in self._conn.execute(statement, params)]
+
+
+def prune_access_log(conn: Connection, before: dt.datetime, limit: int) -> int:
+    """Retention: delete at most `limit` entries older than `before`, oldest first, in one short statement (call
+    again while it returns `limit`). The caller commits."""
+    oldest = select(log.c.message_id, log.c.certificate_id).where(log.c.at < before).order_by(log.c.at).limit(limit)
+    return conn.execute(delete(log).where(
+        tuple_(log.c.message_id, log.c.certificate_id).in_(oldest))).rowcount
+
+
+__all__ = ("SqlAccessLog", "prune_access_log")
