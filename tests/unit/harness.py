@@ -142,6 +142,14 @@ class Service:
         return self.send("certificate.list-for-care", {"patient_id": patient_id, "care_giver_id": care_giver_id,
                                                        "care_unit_ids": list(care_unit_ids), **_BY, **more})
 
+    def access_log(self, patient_id: str = factories.PATIENT, user_id: str | None = None, **fields: Any) -> Reply:
+        return self.send("access-log.list", {"patient_id": patient_id, **fields}, user_id=user_id)
+
+    def logged(self) -> list[tuple[str, str, str]]:
+        """(action, certificate id, person id) of every stored access log entry, oldest first."""
+        entries = sorted(self.uow.state.access_log.values(), key=lambda e: (e.at, e.message_id, e.certificate_id))
+        return [(e.action, e.certificate_id, e.person_id) for e in entries]
+
     # --- short answers --------------------------------------------------------------------------------------
     def citizen_ids(self, patient_id: str = factories.PATIENT, **filters: Any) -> list[str] | str:
         """Ids the citizen lists, or the error code when refused."""
