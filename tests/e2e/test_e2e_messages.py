@@ -75,7 +75,8 @@ def test_every_message_type_is_answered_with_its_reply_events_and_recipient_deli
     for_care = ok("certificate.get-for-care", {"certificate_id": c1, "care_giver_id": CG, **BY})["data"]
     assert for_care["document"] == cert1["document"] and "archived" not in for_care
     ok("certificate.get-for-care", {"certificate_id": c1, "care_giver_id": CG2, **BY}, "ERROR", "NOT_FOUND")
-    care_list = ok("certificate.list-for-care", {"patient_id": p, "care_giver_id": CG, "care_unit_ids": [CU], **BY})["data"]
+    care_list = ok("certificate.list-for-care",
+                   {"patient_id": p, "care_giver_id": CG, "care_unit_ids": [CU], **BY})["data"]
     assert sorted(c["id"] for c in care_list["certificates"]) == sorted([c1, c2])
 
     # certificate.send: whole certificate to the recipient; refusals answered
@@ -265,6 +266,15 @@ def test_each_invalid_message_is_answered_and_dead_lettered_with_its_reason_and_
                 "intyg.consent"),  # bad check digit
         invalid("certificate.revoke", revoke_body("x", "19121212-1212X"), "INVALID_PERSONNUMMER", "patient_id",
                 "intyg.status"),
+        # §9: a care message must name who accesses, with well-formed HSA ids and a name
+        invalid("certificate.get-for-care", {"certificate_id": "x", "care_giver_id": CG}, "INVALID_MESSAGE",
+                "accessed_by: Field required", "intyg.query"),
+        invalid("certificate.get-for-care", {"certificate_id": "x", "care_giver_id": CG,
+                                             "accessed_by": {**BY["accessed_by"], "person_id": "SE 1"}},
+                "INVALID_MESSAGE", "accessed_by.person_id", "intyg.query"),
+        invalid("certificate.remove-care-copy", {"certificate_id": "x", "care_giver_id": CG,
+                                                 "accessed_by": {**BY["accessed_by"], "name": ""}},
+                "INVALID_MESSAGE", "accessed_by.name", "intyg.status"),
         # straight into a service queue (default exchange), so its routing key is no message type at all
         invalid("intyg.status", {"certificate_id": "x"}, "INVALID_MESSAGE", "unknown routing key", "intyg.status",
                 exchange=""),
@@ -295,7 +305,8 @@ def test_each_invalid_message_is_answered_and_dead_lettered_with_its_reason_and_
     check_reply(wire, wire.send("certificate.send", {"certificate_id": cid, "patient_id": p, "recipient_id": "FKASSA",
                                                      "sent_by": "CARE", "care_giver_id": CG, **BY}), "OK")
     check_reply(wire, wire.send("certificate.send", {"certificate_id": cid, "patient_id": p, "recipient_id": "FKASSA",
-                                                     "sent_by": "CARE", "care_giver_id": CG, **BY}), "INFO", "ALREADY_SENT")
+                                                     "sent_by": "CARE", "care_giver_id": CG, **BY}),
+                "INFO", "ALREADY_SENT")
     check_reply(wire, wire.send("certificate.get-for-care", {"certificate_id": "nope", "care_giver_id": CG, **BY}),
                 "ERROR", "NOT_FOUND")
 

@@ -43,7 +43,8 @@ def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch,
         other = new_id()
         as_("care", "certificate.register", {"certificate": certificate(other, p, care_giver=CG2, care_unit=CU2)},
             "ERROR", "FORBIDDEN")
-        as_("care", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG2, **BY}, "ERROR", "FORBIDDEN")
+        as_("care", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG2, **BY},
+            "ERROR", "FORBIDDEN")
         assert stack.db.scalar("select count(*) from certificates") == 0
         assert stack.db.scalar("select count(*) from consents") == 0
 
@@ -97,7 +98,7 @@ def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch,
     wire.pump(0.5)
     assert Counter(e.routing_key for e in wire.events) == Counter({
         "certificate.registered": 2, "certificate.sent": 1, "recipient.FKASSA.certificate.sent": 1,
-        "certificate.archived": 1})
+        "certificate.archived": 1, "access.logged": 2})  # care's and the operator's reads
     assert stack.db.scalar("select given from consents where patient_id = %s", p) is True
     for queue in ("intyg.registration", "intyg.status", "intyg.consent", "intyg.query"):
         assert wire.ready(f"{queue}.dlq") == 0, queue  # refusals are answers, not dead letters
