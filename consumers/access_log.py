@@ -17,6 +17,7 @@ from domain import access
 from domain.access import Access, Reader
 from domain.errors import Refused
 from domain.model import Certificate
+from domain.ports import UnitOfWork
 from storage.outbox import OutboxMessage
 
 # Event ids derive from the entry's key, so the one publication of an entry always carries the same id.
@@ -29,17 +30,16 @@ def reader(accessed_by: AccessedBy | None) -> Reader:
     return Reader(accessed_by.person_id, accessed_by.name, accessed_by.care_unit_id)
 
 
-def record(uow: Any, ctx: Context, action: str, certificates: Iterable[Certificate],
+def record(uow: UnitOfWork, ctx: Context, action: str, certificates: Iterable[Certificate],
            accessed_by: AccessedBy | None) -> None:
-    """`uow` is the pipeline's unit of work: the access log and the outbox, in the transaction of the reply."""
     entries = access.accesses(ctx.request_id, action, certificates, reader(accessed_by), ctx.now)
-    new = uow.access_log.add(entries)  # a redelivered message (a query is not in the inbox) finds its entries
-    if new:
-        uow.outbox.add([_published(entry, ctx) for entry in new])
+    # A redelivered message (a query is not in the inbox) finds its entries stored: neither stored nor published
+    # again.
+    uow.access_log.add(entries, [_published(entry, ctx) for entry in entries])
 
 
 @contextmanager
-def recorded(uow: Any, ctx: Context, action: str, certificate: Certificate | None,
+def recorded(uow: UnitOfWork, ctx: Context, action: str, certificate: Certificate | None,
              accessed_by: AccessedBy | None) -> Iterator[None]:
     """Around a command's rule: the access to `certificate` (None: nothing to log) is recorded whatever the answer,
     refusals included, unless the answer reveals nothing of it (`domain.access.touched`)."""

@@ -74,8 +74,9 @@ class AccessFilter:
 
 
 class AccessLog(Protocol):
-    def add(self, entries: Sequence[Access]) -> list[Access]:
-        """Store the entries not stored before (same message id and certificate id); returns those."""
+    def add(self, entries: Sequence[Access], publications: Sequence[object]) -> None:
+        """Store the entries not stored before (same message id and certificate id) and queue, for exactly those,
+        their publication (`publications[i]` is the outbox message of `entries[i]`) in this unit of work."""
 
     def list_for_patient(self, query: AccessFilter, after: AccessKey | None, limit: int) -> Sequence[Access]:
         """Newest first."""

@@ -64,7 +64,7 @@ class SqlUnitOfWork:
         self.inbox = SqlInbox(conn)
         self.outbox = SqlOutbox(conn)
         self.progress = SqlProgress(conn)  # type: ignore[arg-type]
-        self.access_log = SqlAccessLog(conn)  # type: ignore[arg-type]
+        self.access_log = SqlAccessLog(conn, self.outbox)  # type: ignore[arg-type]
         conn.after_flush(certificates, self.certificates._not_purged_since)
         return self
 

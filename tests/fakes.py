@@ -138,11 +138,12 @@ class FakeAccessLog:
     def __init__(self, uow: FakeUnitOfWork) -> None:
         self._uow = uow
 
-    def add(self, entries: Sequence[Access]) -> list[Access]:
+    def add(self, entries: Sequence[Access], publications: Sequence[Any]) -> None:
         log = self._uow.state.access_log
-        new = [e for e in entries if (e.message_id, e.certificate_id) not in log]
-        log.update({(e.message_id, e.certificate_id): e for e in new})
-        return new
+        for entry, publication in zip(entries, publications, strict=True):
+            if (entry.message_id, entry.certificate_id) not in log:
+                log[entry.message_id, entry.certificate_id] = entry
+                self._uow.state.outbox.append(publication)
 
     def list_for_patient(self, query: AccessFilter, after: AccessKey | None, limit: int) -> Sequence[Access]:
         def key(e: Access) -> tuple:
