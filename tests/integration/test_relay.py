@@ -5,20 +5,21 @@ the broker through exclusive queues bound to routing keys unique to each test.
 """
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 import uuid
 
 import pika
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, recipient_binding, recipient_queue
 from publishers.relay import UNROUTABLE_REPLY, OutboxRelay
+from service.topology import declare_exchanges
 from storage.engine import make_engine
 from storage.outbox import RELAY_LOCK, OutboxMessage, SqlOutbox, pending_count
-from storage.tables import outbox
-from service.topology import declare_exchanges
+from storage.tables import access_log, outbox
 
 try:
     from tests.databases import migrated_database
@@ -353,6 +354,23 @@ def test_housekeeping_deletes_old_published_rows(engine, channel, make_relay, ta
     relay._next_housekeeping = 0
     assert relay.run_once() == 1
     assert [r.message_id for r in rows(engine)] == [f"{tag}-new"]
+
+
+def test_housekeeping_deletes_access_log_entries_older_than_the_retention_only(engine, make_relay):
+    """CONTRACT §9: ACCESS_LOG_RETENTION, enforced in the relay's batched housekeeping."""
+    now = dt.datetime.now(dt.UTC)
+    entry = {"certificate_id": "c1", "action": "READ", "certificate_type": "lisjp", "patient_id": "191212121212",
+             "care_giver_id": "SE2321000016-1000", "person_id": "SE2321000016-1003", "person_name": "Ajla",
+             "care_unit_id": "SE2321000016-1004"}
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE access_log"))
+        conn.execute(insert(access_log), [{**entry, "message_id": "eleven-years", "at": now - dt.timedelta(days=4020)},
+                                          {**entry, "message_id": "nine-years", "at": now - dt.timedelta(days=3290)}])
+    relay = make_relay(housekeeping_s=0, access_log_retention_s=3653 * 86400)
+    relay._next_housekeeping = 0
+    relay.run_once()
+    with engine.connect() as conn:
+        assert list(conn.execute(select(access_log.c.message_id)).scalars()) == ["nine-years"]
 
 
 def _rabbitmqctl():
