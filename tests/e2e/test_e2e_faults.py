@@ -63,7 +63,7 @@ def test_a_crash_between_commit_and_ack_logs_the_access_once(launch, wire, stack
     command: from the inbox) neither logs nor publishes it again."""
     message_id = f"crash-{uuid.uuid4()}"
     cid, p = new_id(), new_patient()
-    crashing = launch(INTYG_CRASH_AFTER_COMMIT=message_id)
+    crashing = launch(TEST_CRASH_AFTER_COMMIT=message_id)
     check_reply(wire, wire.send("certificate.register", {"certificate": certificate(cid, p)}), "OK")
     body = {"certificate_id": cid, "care_giver_id": CG, **BY} if routing_key == "certificate.get-for-care" \
         else revoke_body(cid, p)
