@@ -9,7 +9,8 @@ from pydantic_core import PydanticCustomError
 
 from contracts.base import CertificateId, CertificateType, HsaId, PatientId, Strict, Timestamp
 
-# Validation context key; the service passes its setting, anyone else gets the contract's default (required).
+# Validation context key: the service passes its setting (`ACCESS_LOG_REQUIRED`, on by default) with every message it
+# parses; a model validated without it (an example, a client's own check) does not demand the field.
 ACCESS_LOG_REQUIRED = "access_log_required"
 
 Action = Literal["READ", "LIST", "REVOKE", "REMOVE_CARE_COPY", "SEND"]
@@ -34,7 +35,7 @@ def require_accessed_by(value: AccessedBy | None, info: ValidationInfo) -> Acces
         if value is not None:
             raise PydanticCustomError("extra_forbidden", "only a send by CARE names who accessed it")
         return value
-    if value is None and (info.context or {}).get(ACCESS_LOG_REQUIRED, True):
+    if value is None and (info.context or {}).get(ACCESS_LOG_REQUIRED, False):
         raise PydanticCustomError("missing", "Field required")
     return value
 
