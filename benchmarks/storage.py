@@ -17,7 +17,13 @@ What it does:
    (b) `--batch` messages per transaction with a savepoint each and (c) the same without savepoints (the message
    loop tries (c) first and falls back to (b) when a message of the batch fails; both with its warm-up query when
    the unit of work has one); the certificates registered here are deleted afterwards, so `--reuse` measures the
-   same data again.
+   same data again;
+6. the access log (CONTRACT §9): `--access-log-entries` entries (default 1,000,000; `--access-log-entries
+   10000000` for the full figure) for random certificates of the loaded data, loaded in SQL with the indexes
+   rebuilt after; then `access-log.list` p99 (first page of 100 and a page with a date range) for random patients
+   with entries, and what the log adds to `certificate.get-for-care`: the same handler with the log and with its
+   `record` replaced by a no-op, every call committed as the message loop commits (one message per transaction,
+   and `--batch` per transaction), `--access-log-runs` runs each, the median shown.
 It prints figures; it is not a test.
 """
 from __future__ import annotations
@@ -50,7 +56,8 @@ from storage.uow import SqlUnitOfWork  # noqa: E402
 
 LOADED_TABLES = ("certificates", "certificate_documents", "certificate_statuses")
 EMPTIED_TABLES = ("certificates", "certificate_documents", "certificate_statuses", "tombstones", "consents",
-                  "inbox", "outbox", "bulk_progress")
+                  "inbox", "outbox", "bulk_progress", "access_log")
+READER = {"person_id": "SE2321000016-P000001", "name": "Ajla Doktor", "care_unit_id": "SE2321000016-G000U000"}
 TYPES = {  # type -> weight (percent); db and doi are death certificates, never shown to the citizen
     "lisjp": 30, "fk7263": 8, "luse": 10, "luae_na": 5, "luae_fs": 5, "ts-bas": 8, "ts-diabetes": 5,
     "tstrk1009": 3, "tstrk1062": 2, "af00213": 5, "af00251": 3, "ag114": 5, "ag7804": 8, "db": 2, "doi": 1,
@@ -133,7 +140,7 @@ def load(conn: psycopg.Connection, n_certificates: int, n_patients: int, seed: i
         cur.execute("SET synchronous_commit = off")
         cur.execute("SET maintenance_work_mem = '512MB'")
         cur.execute("TRUNCATE " + ", ".join(EMPTIED_TABLES))
-        constraints, indexes = _drop_keys(cur)
+        constraints, indexes = _drop_keys(cur, LOADED_TABLES)
         with cur.copy("COPY consents (patient_id, given, changed_at) FROM STDIN WITH (FREEZE)") as copy:
             for pid, given, _, _ in plan:
                 copy.write_row((pid, given, start))
@@ -197,10 +204,10 @@ def _copy(cur, target: str, lines: list[str]) -> None:
         copy.write(("\n".join(lines) + "\n").encode())
 
 
-def _drop_keys(cur) -> tuple[list[tuple[str, str, str]], list[str]]:
+def _drop_keys(cur, loaded: tuple[str, ...]) -> tuple[list[tuple[str, str, str]], list[str]]:
     """Drop the loaded tables' indexes and keys (to rebuild them once after the load), remembering their exact
     definitions: what comes back is what the migration made."""
-    tables = list(LOADED_TABLES)
+    tables = list(loaded)
     cur.execute("""SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), contype
                    FROM pg_constraint WHERE conrelid = ANY(%s::regclass[]) AND contype IN ('p', 'f')
                    ORDER BY contype = 'f', conname""", (tables,))
@@ -252,7 +259,7 @@ def query_envelopes(kind: str, rows: list[tuple], rng: random.Random) -> list[En
         else:  # the unit the certificate is from, and two more of the care giver's
             g = int(giver.rsplit("G", 1)[1])
             units = {unit} | {unit_id(g, u) for u in rng.sample(range(UNITS_PER_GIVER), 2)}
-            body = {"patient_id": pid, "care_giver_id": giver, "care_unit_ids": sorted(units)}
+            body = {"patient_id": pid, "care_giver_id": giver, "care_unit_ids": sorted(units), "accessed_by": READER}
         out.append(Envelope(routing_key=kind, body=json.dumps(body).encode(), message_id=str(uuid.uuid4()),
                             reply_to="amq.rabbitmq.reply-to", content_type="application/json"))
     return out
@@ -285,6 +292,128 @@ def measure_queries(engine, policy: Policy, rows: list[tuple], calls: int, warmu
         timings = [run_query(engine, policy, envelope) for envelope in envelopes[warmup:]]
         results[kind] = ([wall for wall, _ in timings], [cpu for _, cpu in timings])
     return results
+
+
+# --- the access log (CONTRACT §9) ----------------------------------------------------------------------------------
+def load_access_log(conn: psycopg.Connection, entries: int, seed: int) -> None:
+    """`entries` entries for random certificates (so about entries / patients per patient), at random times in
+    the last five years, in one INSERT ... SELECT with the table's keys dropped and rebuilt after."""
+    with conn.cursor() as cur:
+        cur.execute("SET synchronous_commit = off")
+        cur.execute("SET maintenance_work_mem = '512MB'")
+        cur.execute("SELECT setseed(%s)", (random.Random(seed).random(),))
+        cur.execute("TRUNCATE access_log")
+        constraints, indexes = _drop_keys(cur, ("access_log",))
+        cur.execute("""CREATE TEMP TABLE bench_log_certificates AS
+                       SELECT row_number() OVER () AS n, id, type, patient_id, care_giver_id, care_unit_id
+                       FROM certificates""")
+        cur.execute("CREATE UNIQUE INDEX ON bench_log_certificates (n)")
+        total = _count(conn, "certificates")
+        done = 0
+        while done < entries:  # in chunks, so that progress shows and no statement runs for many minutes
+            step = min(2_000_000, entries - done)
+            cur.execute("""
+                INSERT INTO access_log (message_id, certificate_id, at, action, certificate_type, patient_id,
+                                        care_giver_id, person_id, person_name, care_unit_id)
+                SELECT 'bench-log-' || s.g, c.id,
+                       now() - random() * interval '5 years',
+                       (ARRAY['READ', 'LIST', 'LIST', 'LIST', 'REVOKE', 'REMOVE_CARE_COPY', 'SEND'])[1 + (s.g %% 7)],
+                       c.type, c.patient_id, c.care_giver_id,
+                       'SE2321000016-P' || lpad((s.g %% 5000)::text, 6, '0'), 'Ajla Doktor', c.care_unit_id
+                FROM (SELECT g, 1 + floor(random() * %s)::bigint AS pick FROM generate_series(%s, %s) AS g) s
+                JOIN bench_log_certificates c ON c.n = s.pick""",
+                        (total, done + 1, done + step))
+            done += step
+            print(f"  {done:>10,} access log entries", flush=True)
+        print("  rebuilding the access log's keys and indexes", flush=True)
+        _restore_keys(cur, constraints, indexes)
+        cur.execute("DROP TABLE bench_log_certificates")
+    conn.commit()
+    conn.autocommit = True
+    conn.execute("VACUUM ANALYZE access_log")
+    conn.autocommit = False
+
+
+def access_log_envelopes(patients: list[str], rng: random.Random, dated: bool) -> list[Envelope]:
+    out = []
+    for pid in patients:
+        body: dict = {"patient_id": pid}
+        if dated:  # a year of the five
+            first = dt.date.today() - dt.timedelta(days=rng.randrange(365, 4 * 365))
+            body.update({"from": first.isoformat(), "to": (first + dt.timedelta(days=365)).isoformat()})
+        out.append(Envelope(routing_key="access-log.list", body=json.dumps(body).encode(),
+                            message_id=str(uuid.uuid4()), reply_to="amq.rabbitmq.reply-to",
+                            content_type="application/json"))
+    return out
+
+
+def measure_access_log_list(engine, policy: Policy, patients: list[str], calls: int, warmup: int,
+                            seed: int) -> dict[str, tuple[list[float], list[float]]]:
+    rng = random.Random(seed)
+    results = {}
+    for label, dated in (("access-log.list", False), ("access-log.list from/to a year", True)):
+        envelopes = access_log_envelopes([rng.choice(patients) for _ in range(calls + warmup)], rng, dated)
+        for envelope in envelopes[:warmup]:
+            run_query(engine, policy, envelope)
+        gc.collect()
+        timings = [run_query(engine, policy, envelope) for envelope in envelopes[warmup:]]
+        results[label] = ([wall for wall, _ in timings], [cpu for _, cpu in timings])
+    return results
+
+
+def reads_for_care(rows: list[tuple]) -> list[Envelope]:
+    return [Envelope(routing_key="certificate.get-for-care", body=json.dumps(
+                {"certificate_id": cid, "care_giver_id": giver, "accessed_by": READER}).encode(),
+                message_id=str(uuid.uuid4()), reply_to="amq.rabbitmq.reply-to", content_type="application/json")
+            for cid, _pid, giver, _unit in rows]
+
+
+def read_for_care_committed(engine, policy: Policy, envelopes: list[Envelope], per_transaction: int) -> float:
+    """Mean seconds per message, `per_transaction` messages per committed transaction (as the loop runs a batch)."""
+    started = time.perf_counter()
+    for first in range(0, len(envelopes), per_transaction):
+        with SqlUnitOfWork(engine) as uow:
+            for envelope in envelopes[first:first + per_transaction]:
+                processed = process(parse(envelope, policy), uow, policy)
+                assert processed.reply is not None and processed.reply.result.value == "OK", processed.reply
+                processed.reply.model_dump_json()
+            uow.commit()
+    return (time.perf_counter() - started) / len(envelopes)
+
+
+def measure_log_cost(engine, policy: Policy, rows: list[tuple], calls: int, batch: int, runs: int,
+                     seed: int) -> dict[int, tuple[list[float], list[float]]]:
+    """{messages per transaction: (seconds per message with the log, without it), one of each per run}. The
+    runs alternate, so that a slower moment of a shared machine hits both."""
+    from consumers import queries
+
+    rng = random.Random(seed)
+    logged = queries.record
+    results: dict[int, tuple[list[float], list[float]]] = {}
+    for per in (1, batch):
+        with_log: list[float] = []
+        without: list[float] = []
+        for _ in range(runs):
+            for target in (with_log, without):
+                queries.record = logged if target is with_log else (lambda *args, **kwargs: None)
+                envelopes = reads_for_care([rng.choice(rows) for _ in range(calls)])
+                try:
+                    read_for_care_committed(engine, policy, envelopes[:max(1, calls // 10)], per)  # warm-up
+                    target.append(read_for_care_committed(engine, policy, envelopes, per))
+                finally:
+                    queries.record = logged
+        results[per] = (with_log, without)
+    return results
+
+
+def print_log_cost(results: dict[int, tuple[list[float], list[float]]]) -> None:
+    print(f"\n{'certificate.get-for-care, committed':<34}{'with log':>10}{'without':>10}{'added':>9}{'ratio':>8}"
+          f"  (ms per message, median of {len(next(iter(results.values()))[0])} runs)")
+    for per, (with_log, without) in results.items():
+        a, b = statistics.median(with_log), statistics.median(without)
+        print(f"{f'{per} message(s) per transaction':<34}{ms(a):>10}{ms(b):>10}{ms(a - b):>9}{a / b:>8.2f}"
+              f"  runs with: {' '.join(ms(x).strip() for x in with_log)}; without: "
+              f"{' '.join(ms(x).strip() for x in without)}")
 
 
 def registration_envelopes(n: int, patients: list[str], run: str, rng: random.Random) -> list[Envelope]:
@@ -346,6 +475,7 @@ def remove_registered(conn: psycopg.Connection) -> None:
     """Back to the data as loaded (the load writes no inbox, outbox, tombstone or progress rows)."""
     conn.execute("DELETE FROM certificates WHERE id LIKE 'bench-reg-%'")
     conn.execute("TRUNCATE inbox, outbox, tombstones, bulk_progress")
+    conn.execute("DELETE FROM access_log WHERE message_id NOT LIKE 'bench-log-%'")
     conn.commit()
 
 
@@ -406,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-ms", type=float, default=5.0, help="p99 target per query")
     parser.add_argument("--seed", type=int, default=20261125)
     parser.add_argument("--skip-registrations", action="store_true")
+    parser.add_argument("--access-log-entries", type=int, default=1_000_000,
+                        help="access log entries to load (10000000 for the contract's figure)")
+    parser.add_argument("--access-log-runs", type=int, default=3, help="runs of the log's cost (median shown)")
+    parser.add_argument("--skip-access-log", action="store_true")
     args = parser.parse_args(argv)
 
     server = make_url(args.database_url).set(drivername="postgresql")
@@ -474,6 +608,23 @@ def main(argv: list[str] | None = None) -> int:
                   "first try, without savepoints)")
             with psycopg.connect(url) as conn:
                 remove_registered(conn)
+        if not args.skip_access_log:
+            with psycopg.connect(url) as conn:
+                present = _count(conn, "access_log")
+                if not (args.reuse and present >= args.access_log_entries):
+                    print(f"\nloading {args.access_log_entries:,} access log entries ...", flush=True)
+                    started = time.perf_counter()
+                    load_access_log(conn, args.access_log_entries, args.seed)
+                    print(f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
+                entries = _count(conn, "access_log")
+                size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('access_log'))").fetchone()[0]
+                logged = [r[0] for r in conn.execute("SELECT DISTINCT patient_id FROM access_log "
+                                                     "TABLESAMPLE SYSTEM (1) LIMIT 50000")]
+            print(f"access log: {entries:,} entries, {size} with indexes; load average {_load()}")
+            good &= print_queries(measure_access_log_list(engine, policy, logged, args.calls, args.warmup,
+                                                          args.seed), args.target_ms)
+            print_log_cost(measure_log_cost(engine, policy, rows, max(500, args.calls // 5), args.batch,
+                                            args.access_log_runs, args.seed))
         print(f"load average at the end: {_load()}")
     finally:
         engine.dispose()

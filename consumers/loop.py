@@ -53,7 +53,8 @@ def policy_from(settings: Any) -> pipeline.Policy:
              for user, r in settings.roles.items()}
     return pipeline.Policy(catalogue=settings.catalogue, max_body_bytes=settings.max_body_bytes,
                            enforce_roles=settings.enforce_roles, roles=roles,
-                           bulk_batch_size=settings.bulk_batch_size)
+                           bulk_batch_size=settings.bulk_batch_size,
+                           access_log_required=settings.access_log_required)
 
 
 def connection_parameters(amqp_url: str, name: str) -> pika.URLParameters:

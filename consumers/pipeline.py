@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from contracts.events import RecipientCertificateRevoked, RecipientCertificateSent
+from contracts.access import ACCESS_LOG_REQUIRED
 from contracts.properties import MESSAGE_ID_MAX_LENGTH
 from contracts.replies import Code, Reply
 from contracts.topology import EVENTS_EXCHANGE
@@ -33,6 +34,7 @@ class Policy:
     enforce_roles: bool = False
     roles: Mapping[str, tuple[str, frozenset[str] | None]] = field(default_factory=dict)  # user -> role, givers
     bulk_batch_size: int = 500
+    access_log_required: bool = True  # §9: care messages must name who accesses
 
 
 class Invalid(Exception):
@@ -94,7 +96,8 @@ def parse(envelope: Envelope, policy: Policy, trace: Mapping[str, str] | None = 
         raise Invalid(Code.INVALID_MESSAGE, "text may not contain NUL characters (\\u0000)")
     try:
         # strict: a JSON string is not a bool nor a number ("given": "no" must not withdraw consent)
-        message = route.model.model_validate_json(envelope.body, strict=True)
+        message = route.model.model_validate_json(envelope.body, strict=True, context={
+            ACCESS_LOG_REQUIRED: policy.access_log_required})
     except ValidationError as error:
         raise _invalid(error) from None
     return Parsed(envelope, route, message, envelope.trace if trace is None else trace)

@@ -38,6 +38,7 @@ ROUTES: dict[str, Route] = dict([
     _route(queries.ListCertificatesForCare, q.list_certificates_for_care, CARE, query=True),
     _route(queries.GetConsent, q.get_consent, CITIZEN, CARE, query=True),
     _route(queries.ListRecipients, q.list_recipients, CITIZEN, CARE, query=True),
+    _route(queries.ListAccessLog, q.list_access_log, CITIZEN, query=True),  # §9: care never reads the log
 ])
 
 

@@ -3,10 +3,12 @@ archive/restore, send. Patient first, then certificate: one lock order everywher
 from __future__ import annotations
 
 from contracts.commands import RemoveCareCopies, RemoveCareCopy, RevokeCertificate, SendCertificate, SetStatus
+from consumers.access_log import record, recorded
 from consumers.context import Context, Handled
 from consumers.wire import reply_for, wire_events
 from contracts.replies import Reply
 from domain import lifecycle
+from domain.access import REMOVE_CARE_COPY, REVOKE, SEND
 from domain.errors import not_found
 from domain.lifecycle import Outcome, Purge
 from domain.model import Certificate
@@ -19,8 +21,9 @@ def revoke(message: RevokeCertificate, uow: UnitOfWork, ctx: Context) -> Handled
     if certificate is not None and not ctx.caller.may_act_for(certificate.care_giver_id):
         raise not_found()
     purged = certificate is None and uow.certificates.is_purged(message.certificate_id)
-    outcome = lifecycle.revoke(certificate, purged, message.patient_id, message.revoked_by.person_id,
-                               message.reason, ctx.now)
+    with recorded(uow, ctx, REVOKE, certificate, message.accessed_by):
+        outcome = lifecycle.revoke(certificate, purged, message.patient_id, message.revoked_by.person_id,
+                                   message.reason, ctx.now)
     return _saved(certificate, outcome, uow, ctx)
 
 
@@ -29,8 +32,9 @@ def remove_care_copy(message: RemoveCareCopy, uow: UnitOfWork, ctx: Context) -> 
     if certificate is None:
         raise not_found()
     purge = Purge()
-    outcome = lifecycle.remove_care_copy(certificate, message.care_giver_id,
-                                         uow.consents.get(certificate.patient_id), purge, ctx.now)
+    with recorded(uow, ctx, REMOVE_CARE_COPY, certificate, message.accessed_by):
+        outcome = lifecycle.remove_care_copy(certificate, message.care_giver_id,
+                                             uow.consents.get(certificate.patient_id), purge, ctx.now)
     return _saved(certificate, outcome, uow, ctx, purge)
 
 
@@ -40,6 +44,7 @@ def remove_care_copies(message: RemoveCareCopies, uow: UnitOfWork, ctx: Context)
     batch = uow.certificates.care_copies(message.care_giver_id, ctx.bulk_batch_size, for_update=False)
     citizen_only = purged = 0
     facts: list = []
+    removed: list[Certificate] = []
     for patient_id in sorted({c.patient_id for c in batch}):
         uow.lock_patient(patient_id)
     for listed in batch:
@@ -50,9 +55,11 @@ def remove_care_copies(message: RemoveCareCopies, uow: UnitOfWork, ctx: Context)
         lifecycle.remove_care_copy(certificate, message.care_giver_id, uow.consents.get(certificate.patient_id),
                                    purge, ctx.now)
         _persist(certificate, purge, uow, ctx)
+        removed.append(certificate)
         facts.extend(certificate.events)
         purged += len(purge.certificates)
         citizen_only += not purge.certificates
+    record(uow, ctx, REMOVE_CARE_COPY, removed, message.accessed_by)
     uow.progress.add(ctx.request_id, citizen_only, purged)
     events = wire_events(facts, ctx.now)
     if len(batch) == ctx.bulk_batch_size:
@@ -72,8 +79,11 @@ def set_status(message: SetStatus, uow: UnitOfWork, ctx: Context) -> Handled:
 def send(message: SendCertificate, uow: UnitOfWork, ctx: Context) -> Handled:
     uow.lock_patient(message.patient_id)
     certificate = uow.certificates.get(message.certificate_id, with_document=True, for_update=True)
-    outcome = lifecycle.send(certificate, uow.consents.get(message.patient_id), message.patient_id,
-                             message.recipient_id, message.sent_by, message.care_giver_id, ctx.catalogue, ctx.now)
+    by_care = certificate if message.sent_by == "CARE" else None  # a citizen's own send is no access by care
+    with recorded(uow, ctx, SEND, by_care, message.accessed_by):
+        outcome = lifecycle.send(certificate, uow.consents.get(message.patient_id), message.patient_id,
+                                 message.recipient_id, message.sent_by, message.care_giver_id, ctx.catalogue,
+                                 ctx.now)
     return _saved(certificate, outcome, uow, ctx)
 
 

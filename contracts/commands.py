@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from contracts.access import ACCESSED_BY, AccessedBy, require_accessed_by
 from contracts.base import CertificateId, HsaId, Name, PatientId, RecipientId, Strict
 from contracts.certificate import Certificate
 
@@ -34,6 +35,8 @@ class RevokeCertificate(Strict):
     patient_id: PatientId
     revoked_by: RevokedBy
     reason: str | None = Field(default=None, max_length=2000)
+    accessed_by: AccessedBy | None = ACCESSED_BY
+    _accessed_by = field_validator("accessed_by")(require_accessed_by)
 
 
 class RemoveCareCopy(Strict):
@@ -45,6 +48,8 @@ class RemoveCareCopy(Strict):
     MESSAGE_TYPE: ClassVar[str] = "certificate.remove-care-copy"
     certificate_id: CertificateId
     care_giver_id: HsaId
+    accessed_by: AccessedBy | None = ACCESSED_BY
+    _accessed_by = field_validator("accessed_by")(require_accessed_by)
 
 
 class RemoveCareCopies(Strict):
@@ -54,6 +59,8 @@ class RemoveCareCopies(Strict):
 
     MESSAGE_TYPE: ClassVar[str] = "care-giver.remove-care-copies"
     care_giver_id: HsaId
+    accessed_by: AccessedBy | None = ACCESSED_BY
+    _accessed_by = field_validator("accessed_by")(require_accessed_by)
 
 
 class SetStatus(Strict):
@@ -79,6 +86,8 @@ class SendCertificate(Strict):
     recipient_id: RecipientId
     sent_by: Literal["CITIZEN", "CARE"]
     care_giver_id: HsaId | None = None
+    accessed_by: AccessedBy | None = ACCESSED_BY  # only with sent_by CARE
+    _accessed_by = field_validator("accessed_by")(require_accessed_by)
 
 
 class SetConsent(Strict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from contracts.access import AccessEntry
 from contracts.base import CertificateId, CertificateType, HsaId, PatientId, RecipientId, Strict, Timestamp
 from contracts.certificate import Certificate
 
@@ -97,3 +98,10 @@ class RecipientCertificateRevoked(Event):
     certificate_id: CertificateId
     patient_id: PatientId
     reason: str | None = None
+
+
+class AccessLogged(Event, AccessEntry):
+    """§9: one access log entry, with the patient id, for the national log service's queue `intyg.access-log`
+    only (never a broadcast: the routing key is outside `certificate.*`)."""
+
+    ROUTING_KEY: ClassVar[str] = "access.logged"

@@ -4,8 +4,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from contracts.access import ACCESSED_BY, AccessedBy, require_accessed_by
 from contracts.base import CertificateId, CertificateType, HsaId, PatientId, Strict
 
 PageSize = Field(default=100, ge=1, le=1000)
@@ -46,6 +47,8 @@ class GetCertificateForCare(Strict):
     MESSAGE_TYPE: ClassVar[str] = "certificate.get-for-care"
     certificate_id: CertificateId
     care_giver_id: HsaId
+    accessed_by: AccessedBy | None = ACCESSED_BY
+    _accessed_by = field_validator("accessed_by")(require_accessed_by)
 
 
 class ListCertificatesForCare(Strict):
@@ -59,6 +62,8 @@ class ListCertificatesForCare(Strict):
     care_unit_ids: list[HsaId] = Field(min_length=1, max_length=1000)
     page_size: int = PageSize
     page_token: str | None = PageToken
+    accessed_by: AccessedBy | None = ACCESSED_BY
+    _accessed_by = field_validator("accessed_by")(require_accessed_by)
 
 
 class GetConsent(Strict):
@@ -75,3 +80,14 @@ class ListRecipients(Strict):
 
     MESSAGE_TYPE: ClassVar[str] = "recipient.list"
     certificate_type: CertificateType | None = None
+
+
+class ListAccessLog(Strict):
+    """§9: the patient's own access log, for the citizen portal (consent plays no part)."""
+
+    MESSAGE_TYPE: ClassVar[str] = "access-log.list"
+    patient_id: PatientId
+    from_: dt.date | None = Field(default=None, alias="from")
+    to: dt.date | None = None
+    page_size: int = PageSize
+    page_token: str | None = PageToken

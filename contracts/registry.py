@@ -17,14 +17,16 @@ COMMANDS: dict[str, type[BaseModel]] = {
 QUERIES: dict[str, type[BaseModel]] = {
     m.MESSAGE_TYPE: m
     for m in (queries.GetCertificate, queries.ListCertificates, queries.GetCertificateForCare,
-              queries.ListCertificatesForCare, queries.GetConsent, queries.ListRecipients)
+              queries.ListCertificatesForCare, queries.GetConsent, queries.ListRecipients,
+              queries.ListAccessLog)
 }
 MESSAGES: dict[str, type[BaseModel]] = {**COMMANDS, **QUERIES}
 EVENTS: dict[str, type[events.Event]] = {
     m.ROUTING_KEY: m
     for m in (events.CertificateRegistered, events.CertificateRevoked, events.CertificateSent,
               events.CertificateArchived, events.CertificateRestored, events.CareCopyRemoved,
-              events.CertificatePurged, events.RecipientCertificateSent, events.RecipientCertificateRevoked)
+              events.CertificatePurged, events.RecipientCertificateSent, events.RecipientCertificateRevoked,
+              events.AccessLogged)
 }
 
 

@@ -13,11 +13,15 @@ SERVICE_QUEUES: dict[str, tuple[str, ...]] = {
                      "certificate.set-status", "certificate.send"),
     "intyg.consent": ("consent.set",),
     "intyg.query": ("certificate.get", "certificate.list", "certificate.get-for-care",
-                    "certificate.list-for-care", "consent.get", "recipient.list"),
+                    "certificate.list-for-care", "consent.get", "recipient.list", "access-log.list"),
 }
 
 # Every queue the service consumes: the service queues, and the unrouted queue (answered INVALID_MESSAGE).
 CONSUMED_QUEUES: tuple[str, ...] = (*SERVICE_QUEUES, UNROUTED)
+
+# §9: every access log entry goes to this queue (durable, quorum) for the national log service.
+ACCESS_LOG_QUEUE = "intyg.access-log"
+ACCESS_LOGGED = "access.logged"
 
 # Headers the service puts on dead letters and retries (CONTRACT.md §8). A client's x-intyg-* headers are never
 # read and never copied (§2).

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from domain.access import Access
 from domain.model import Certificate, Consent
 
 
@@ -56,6 +57,31 @@ class Certificates(Protocol):
         """Up to `limit` certificates of the care giver that still have a care copy (a care giver leaving)."""
 
 
+@dataclass(frozen=True)
+class AccessKey:
+    """Keyset position in one patient's access log: newest first, ties broken by message and certificate id."""
+
+    at: dt.datetime
+    message_id: str
+    certificate_id: str
+
+
+@dataclass(frozen=True)
+class AccessFilter:
+    patient_id: str
+    day_from: dt.date | None  # Swedish calendar days, both inclusive
+    day_to: dt.date | None
+
+
+class AccessLog(Protocol):
+    def add(self, entries: Sequence[Access], publications: Sequence[object]) -> None:
+        """Store the entries not stored before (same message id and certificate id) and queue, for exactly those,
+        their publication (`publications[i]` is the outbox message of `entries[i]`) in this unit of work."""
+
+    def list_for_patient(self, query: AccessFilter, after: AccessKey | None, limit: int) -> Sequence[Access]:
+        """Newest first."""
+
+
 class Consents(Protocol):
     def get(self, patient_id: str) -> Consent:
         """The patient's consent; not given when there is no record."""
@@ -75,6 +101,7 @@ class UnitOfWork(Protocol):
     certificates: Certificates
     consents: Consents
     progress: Progress
+    access_log: AccessLog
 
     def lock_patient(self, patient_id: str) -> None:
         """Serialise every change that touches one patient (consent and purges) until commit or rollback."""

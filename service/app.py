@@ -86,7 +86,8 @@ class Service:
                                      recipient_queue_arguments=topology.RECIPIENT_ARGUMENTS)
             self._relay_thread = threading.Thread(target=self.relay.run, name="outbox-relay", daemon=True)
             self._relay_thread.start()
-            self._housekeeper = Housekeeper(self.engine, Retention(settings.dedup_window, settings.outbox_retention),
+            self._housekeeper = Housekeeper(self.engine, Retention(settings.dedup_window, settings.outbox_retention,
+                                                                     settings.access_log_retention),
                                             get_logger("intygstjanst.housekeeping"),
                                             interval_s=settings.housekeeping_interval_s)
             self._housekeeper.start()

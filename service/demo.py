@@ -17,6 +17,9 @@ from service.testdata import random_personnummer
 
 CARE_GIVER = {"id": "SE2321000016-1000", "name": "Vårdgivare 1"}
 CARE_UNIT = {"id": "SE2321000016-1004", "name": "Vårdenhet 1"}
+# CONTRACT §9: who in care accesses, named in every care message.
+NURSE = {"accessed_by": {"person_id": "SE2321000016-1007", "name": "Sara Sjuksköterska",
+                         "care_unit_id": CARE_UNIT["id"]}}
 
 
 def lisjp(certificate_id: str, patient_id: str) -> dict[str, Any]:
@@ -54,6 +57,11 @@ def run(amqp_url: str, console: Console | None = None, seed: int | None = None) 
                 console.print(f"{'':>17}   {json.dumps(shown, ensure_ascii=False)}")
             return reply
 
+        def readers(reply: dict[str, Any]) -> list[str]:
+            """The citizen's view (Patientdatalagen 8 kap. 6 §): who in care accessed what, and when."""
+            return [f"{e['at'][:19]} {e['person_name']} ({e['care_unit_id']}) {e['action']} {e['certificate_id']}"
+                    for e in reply["data"]["entries"]]
+
         def titles(reply: dict[str, Any]) -> list[str]:
             return [f"{c['type']} {c['id']} archived={c['archived']}" for c in reply["data"]["certificates"]]
 
@@ -73,16 +81,18 @@ def run(amqp_url: str, console: Console | None = None, seed: int | None = None) 
         step("citizen", "lists (in view)", "certificate.list", {"patient_id": patient}, titles)
         step("citizen", "lists the archive", "certificate.list", {"patient_id": patient, "archived": True}, titles)
         step("care system", "reads its copy", "certificate.get-for-care",
-             {"certificate_id": certificate_id, "care_giver_id": CARE_GIVER["id"]},
+             {"certificate_id": certificate_id, "care_giver_id": CARE_GIVER["id"], **NURSE},
              lambda r: {"statuses": [s["status"] for s in r["data"]["statuses"]]})
         step("care system", "removes its copy", "certificate.remove-care-copy",
-             {"certificate_id": certificate_id, "care_giver_id": CARE_GIVER["id"]})
+             {"certificate_id": certificate_id, "care_giver_id": CARE_GIVER["id"], **NURSE})
         step("care system", "reads its copy", "certificate.get-for-care",
-             {"certificate_id": certificate_id, "care_giver_id": CARE_GIVER["id"]})
+             {"certificate_id": certificate_id, "care_giver_id": CARE_GIVER["id"], **NURSE})
         step("citizen", "withdraws consent", "consent.set", {"patient_id": patient, "given": False})
         step("citizen", "reads it", "certificate.get", {"certificate_id": certificate_id, "patient_id": patient})
         step("care system", "registers it again", "certificate.register",
              {"certificate": lisjp(certificate_id, patient)})
         console.rule("the certificate is purged for good")
+        step("citizen", "asks who read it", "access-log.list", {"patient_id": patient}, readers)
+        console.rule("the access log outlives the certificate")
     fkassa.close()
     return replies

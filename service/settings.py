@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     # Consumer threads (each with its own connection and transaction) on the queues where order does not matter,
     # intyg.registration and intyg.query; the others always have one, so that commands keep their order.
     parallel_consumers: int = Field(default=1, ge=1, le=16)
+    # CONTRACT §9: care messages must say who accesses (off only while v1 clients migrate), and how long the
+    # access log keeps its entries (an ISO 8601 duration such as P3653D, or seconds).
+    access_log_required: bool = True
+    access_log_retention: dt.timedelta = dt.timedelta(days=3653)  # 10 years, leap days included
     reconnect_max_s: float = 30.0  # cap of the jittered exponential back-off when the broker is away
     # Key of the HMAC on the service's own retry and dead-letter bookkeeping (consumers.retry.Signer); every
     # instance must share it. Empty: derived from the service's broker credentials, which every instance shares.

@@ -12,7 +12,8 @@ reconnect, and from `intygstjanst topology`.
   - `Q.dlq` per consumed queue;
   - `Q.retry.<ms>ms` per service queue and delay, with a message TTL, dead-lettering (at least once) to the
     default exchange with routing key `Q`, so that a retry copy returns to `Q` after the delay;
-  - `recipient.R` per configured recipient, bound to `intyg.events` with `recipient.R.#`.
+  - `recipient.R` per configured recipient, bound to `intyg.events` with `recipient.R.#`;
+  - `intyg.access-log`, bound to `intyg.events` with `access.logged` only (CONTRACT §9).
 
 A queue or exchange that already exists with other arguments (say, a classic `recipient.FKASSA` from an older
 version) makes the broker close the channel with PRECONDITION_FAILED; `TopologyConflict` then names it.
@@ -27,6 +28,8 @@ from pika.exceptions import ChannelClosedByBroker
 
 from consumers.retry import retry_queues
 from contracts.topology import (
+    ACCESS_LOG_QUEUE,
+    ACCESS_LOGGED,
     COMMANDS_EXCHANGE,
     CONSUMED_QUEUES,
     EVENTS_EXCHANGE,
@@ -63,7 +66,7 @@ class DeclaredExchange:
 class DeclaredQueue:
     name: str
     kind: str  # quorum | classic
-    role: str  # service | unrouted | dlq | retry | recipient
+    role: str  # service | unrouted | dlq | retry | recipient | access-log
     bindings: list[str] = field(default_factory=list)  # "exchange: routing key"
     arguments: dict[str, Any] = field(default_factory=dict)
 
@@ -101,6 +104,9 @@ def planned(settings: Any) -> Summary:
             summary.queues.append(DeclaredQueue(name, "quorum", "retry", [], {
                 **QUORUM, "x-message-ttl": ttl_ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue,
                 **AT_LEAST_ONCE}))
+    # §9: for the national log service; bound to its one routing key only, never to a broadcast pattern.
+    summary.queues.append(DeclaredQueue(ACCESS_LOG_QUEUE, "quorum", "access-log",
+                                        [f"{EVENTS_EXCHANGE}: {ACCESS_LOGGED}"], dict(QUORUM)))
     for recipient in settings.recipients:
         rid = recipient.id
         summary.queues.append(DeclaredQueue(recipient_queue(rid), "quorum", "recipient",

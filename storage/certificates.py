@@ -76,13 +76,13 @@ def _get_statement(with_document: bool, for_update: bool) -> Select:
     return query.add_columns(listed).join(listed, true(), isouter=True)
 
 
-def _day_start(name: str):
+def day_start(name: str):
     """The instant the Swedish calendar day begins (the parameter is that day's midnight, without a zone),
     computed by PostgreSQL's own time zone data."""
     return func.timezone(CALENDAR_ZONE, bindparam(name, type_=TIMESTAMP(timezone=False)))
 
 
-def _midnight(day: dt.date) -> dt.datetime:
+def midnight(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time())
 
 
@@ -94,9 +94,9 @@ def _citizen_page(types: bool, hidden: bool, signed_from: bool, signed_to: bool,
     if hidden:
         conditions.append(certs.c.type.not_in(bindparam("hidden_types", expanding=True)))
     if signed_from:
-        conditions.append(certs.c.signed_at >= _day_start("signed_from"))
+        conditions.append(certs.c.signed_at >= day_start("signed_from"))
     if signed_to:
-        conditions.append(certs.c.signed_at < _day_start("signed_before"))
+        conditions.append(certs.c.signed_at < day_start("signed_before"))
     return _paged(_SELECT.where(*conditions), after)
 
 
@@ -175,9 +175,9 @@ class SqlCertificates:
         if query.hidden_types:
             params["hidden_types"] = sorted(query.hidden_types)
         if query.signed_from is not None:
-            params["signed_from"] = _midnight(query.signed_from)
+            params["signed_from"] = midnight(query.signed_from)
         if query.signed_to is not None:
-            params["signed_before"] = _midnight(query.signed_to + dt.timedelta(days=1))
+            params["signed_before"] = midnight(query.signed_to + dt.timedelta(days=1))
         statement = _citizen_page(bool(query.types), bool(query.hidden_types), query.signed_from is not None,
                                   query.signed_to is not None, after is not None)
         return self._page(statement, params, after, limit)

@@ -7,6 +7,7 @@ lock held by the hot path (`FOR UPDATE SKIP LOCKED`; a row in use is taken next 
   was abandoned (dead-lettered midway and never replayed).
 - outbox: published rows older than `OUTBOX_RETENTION` (rows with personal data are never kept: the relay
   erases them when they are confirmed).
+- access_log: entries older than `ACCESS_LOG_RETENTION` (CONTRACT §9; they outlive the certificate, not this).
 
 `Housekeeper` runs the rounds in a thread of its own, apart from the relay's I/O loop (a long round must not hold
 up replies). Every instance that runs a relay runs one; a transaction-level advisory lock makes them take turns,
@@ -40,14 +41,19 @@ _DELETES = {
         DELETE FROM outbox WHERE id IN (
             SELECT id FROM outbox WHERE published_at < now() - :outbox_retention
             ORDER BY published_at LIMIT :batch FOR UPDATE SKIP LOCKED)"""),
+    "access_log": text("""
+        DELETE FROM access_log WHERE (message_id, certificate_id) IN (
+            SELECT message_id, certificate_id FROM access_log WHERE at < now() - :access_log_retention
+            ORDER BY at LIMIT :batch FOR UPDATE SKIP LOCKED)"""),
 }
-_ORDER = ("bulk_progress", "inbox", "outbox")
+_ORDER = ("bulk_progress", "inbox", "outbox", "access_log")
 
 
 @dataclass(frozen=True)
 class Retention:
     dedup_window: dt.timedelta = dt.timedelta(days=7)
     outbox_retention: dt.timedelta = dt.timedelta(hours=24)
+    access_log_retention: dt.timedelta = dt.timedelta(days=3653)  # 10 years, leap days included
 
 
 def delete_batch(conn: Connection, table: str, retention: Retention, batch: int = BATCH) -> int | None:
@@ -59,6 +65,7 @@ def delete_batch(conn: Connection, table: str, retention: Retention, batch: int 
             return None
         return conn.execute(_DELETES[table], {"dedup_window": retention.dedup_window,
                                                "outbox_retention": retention.outbox_retention,
+                                               "access_log_retention": retention.access_log_retention,
                                                "batch": batch}).rowcount
 
 

@@ -141,3 +141,27 @@ bulk_progress = Table(
     Column("purged", Integer, nullable=False),
     Column("updated_at", Timestamp, nullable=False, server_default=func.now()),
 )
+
+# CONTRACT §9: who in care accessed which certificate. Ids only, no foreign key: an entry documents the access
+# and outlives the certificate (kept for ACCESS_LOG_RETENTION, whatever happens to the certificate).
+access_log = Table(
+    "access_log", metadata,
+    Column("message_id", String(128), nullable=False),
+    Column("certificate_id", CertificateId, nullable=False),
+    Column("at", Timestamp, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("certificate_type", Text, nullable=False),
+    Column("patient_id", CHAR(12), nullable=False),
+    Column("care_giver_id", Text, nullable=False),
+    Column("person_id", Text, nullable=True),  # null only for v1 clients while ACCESS_LOG_REQUIRED is off
+    Column("person_name", Text, nullable=True),
+    Column("care_unit_id", Text, nullable=True),
+    # A redelivered or re-sent message logs nothing twice (INSERT ... ON CONFLICT DO NOTHING on this key).
+    PrimaryKeyConstraint("message_id", "certificate_id"),
+    CheckConstraint("action IN ('READ', 'LIST', 'REVOKE', 'REMOVE_CARE_COPY', 'SEND')", name="action"),
+    # access-log.list: one patient, newest first, in the keyset's order.
+    Index("ix_access_log_patient", "patient_id", text("at DESC"), text("message_id DESC"),
+          text("certificate_id DESC")),
+    # Retention: the oldest entries first, in batches.
+    Index("ix_access_log_at", "at"),
+)

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from sqlalchemy import Connection, Engine, Text, any_, bindparam, literal, select, text, union_all
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from storage.access_log import SqlAccessLog
 from storage.certificates import SqlCertificates
 from storage.consents import SqlConsents
 from storage.inbox import SqlInbox
@@ -50,6 +51,7 @@ class SqlUnitOfWork:
     inbox: SqlInbox
     outbox: SqlOutbox
     progress: SqlProgress
+    access_log: SqlAccessLog
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -62,6 +64,7 @@ class SqlUnitOfWork:
         self.inbox = SqlInbox(conn)
         self.outbox = SqlOutbox(conn)
         self.progress = SqlProgress(conn)  # type: ignore[arg-type]
+        self.access_log = SqlAccessLog(conn, self.outbox)  # type: ignore[arg-type]
         conn.after_flush(certificates, self.certificates._not_purged_since)
         return self
 

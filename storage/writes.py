@@ -9,6 +9,8 @@ and only the final flush waits (one round trip).
 
 Rules, like an ORM's flush:
 - `defer(table, rows)` queues rows; once `send_after_rows` are queued they are sent (`send`), without waiting.
+- `defer_statement(sql, params)` queues a statement whose result nobody reads (the access log's insert of the new
+  entries with their outbox rows); sent after the queued inserts of the same `send`, in the order queued.
 - Before any statement that goes to the database through this connection (`execute`, `scalar`, `scalars`),
   the queue is flushed first, so every read sees the transaction's own writes (read-your-writes) and every
   UPDATE/DELETE finds the rows it is about.
@@ -88,6 +90,7 @@ class BufferedConnection:
     def __init__(self, connection: Connection) -> None:
         self._conn = connection
         self._rows: dict[Table, list[dict[str, Any]]] = {}
+        self._statements: list[tuple[str, Mapping[str, Any]]] = []
         self._queued = 0
         self._after_flush: dict[Table, Callable[[list[dict[str, Any]]], None]] = {}
         self._unchecked: list[tuple[Callable[[list[dict[str, Any]]], None], list[dict[str, Any]]]] = []
@@ -112,20 +115,28 @@ class BufferedConnection:
         if self._queued >= self.send_after_rows:
             self.send()
 
+    def defer_statement(self, sql: str, params: Mapping[str, Any]) -> None:
+        """Queue one statement in psycopg's own SQL (`%(name)s` parameters) that returns nothing to read."""
+        self._statements.append((sql, params))
+        self._queued += 1
+        if self._queued >= self.send_after_rows:
+            self.send()
+
     def after_flush(self, table: Table, check: Callable[[list[dict[str, Any]]], None]) -> None:
         """`check(rows)` runs once `table`'s queued rows are inserted (before `flush` returns); it may raise."""
         self._after_flush[table] = check
 
     @property
     def pending(self) -> bool:
-        return bool(self._rows) or self._pipeline is not None or bool(self._unchecked)
+        return bool(self._rows) or bool(self._statements) or self._pipeline is not None or bool(self._unchecked)
 
     def send(self) -> None:
         """Send the queued rows in a psycopg pipeline and return without waiting for their results: PostgreSQL works
         on them meanwhile. A failure may surface here (an earlier send's) or at the next `flush`."""
-        if not self._rows:
+        if not self._rows and not self._statements:
             return
         queued, self._rows, self._queued = self._rows, {}, 0
+        statements, self._statements = self._statements, []
         with self._failing():
             if self._pipeline is None:
                 self._pipeline = self._open_pipeline()
@@ -138,6 +149,8 @@ class BufferedConnection:
                 check = self._after_flush.get(table)
                 if check is not None:
                     self._unchecked.append((check, rows))
+            for sql, params in statements:
+                self._execute_raw(sql, params)
 
     def flush(self) -> None:
         """Insert everything queued and wait until it is in: every error of every send so far raises here at the
@@ -158,7 +171,7 @@ class BufferedConnection:
 
     def discard(self) -> None:
         """Forget what is queued and in flight (the transaction or savepoint is being rolled back)."""
-        self._rows, self._queued, self._unchecked = {}, 0, []
+        self._rows, self._statements, self._queued, self._unchecked = {}, [], 0, []
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
             try:
@@ -223,6 +236,16 @@ class BufferedConnection:
             tuple(wrap[i](row[name]) if i in wrap else row[name] for i, name in enumerate(names)) for row in rows]
         with driver.cursor() as cursor:
             cursor.executemany(sql, params)
+
+    def _execute_raw(self, sql: str, params: Mapping[str, Any]) -> None:
+        driver = self._driver()
+        if driver is None:
+            self._conn.exec_driver_sql(sql, dict(params))
+            return
+        if not self._conn.in_transaction():
+            self._conn.begin()
+        with driver.cursor() as cursor:
+            cursor.execute(sql, params)
 
     def _open_pipeline(self) -> Any:
         """psycopg pipeline mode: every executemany rides one pipeline, which is synced (one round trip) only when

@@ -36,6 +36,8 @@ SAMORDNINGSNUMMER = "191212721219"
 CARE_GIVER_ID = CARE_GIVER
 OTHER_CARE_GIVER = "SE2321000016-2000"
 CARE_UNIT_ID = CARE_UNIT
+# CONTRACT §9: who in care accesses; every care message in the tests carries it.
+ACCESSED_BY: dict[str, str] = {"person_id": "SE2321000016-1003", "name": "Ajla Doktor", "care_unit_id": CARE_UNIT}
 
 
 def certificate(*, id: str | None = None, type: str = "lisjp", patient_id: str = PATIENT,

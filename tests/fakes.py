@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from domain.access import Access
 from domain.model import Certificate, Consent
-from domain.ports import CitizenFilter, PageKey
+from domain.ports import AccessFilter, AccessKey, CitizenFilter, PageKey
 
 CALENDAR_ZONE = ZoneInfo("Europe/Stockholm")  # list dates are Swedish calendar days, as in storage.certificates
 
@@ -29,6 +30,7 @@ class State:
     progress: dict[str, tuple[int, int]] = field(default_factory=dict)
     inbox: dict[str, dict[str, Any]] = field(default_factory=dict)
     outbox: list[Any] = field(default_factory=list)  # storage.outbox.OutboxMessage, in order
+    access_log: dict[tuple[str, str], Access] = field(default_factory=dict)  # (message id, certificate id) ->
 
     def snapshot(self) -> State:
         """Stored values are never changed in place (reads copy, writes replace), so copying the containers is
@@ -132,6 +134,32 @@ class FakeProgress:
         self._uow.state.progress[message_id] = (done[0] + citizen_only, done[1] + purged)
 
 
+class FakeAccessLog:
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self._uow = uow
+
+    def add(self, entries: Sequence[Access], publications: Sequence[Any]) -> None:
+        log = self._uow.state.access_log
+        for entry, publication in zip(entries, publications, strict=True):
+            if (entry.message_id, entry.certificate_id) not in log:
+                log[entry.message_id, entry.certificate_id] = entry
+                self._uow.state.outbox.append(publication)
+
+    def list_for_patient(self, query: AccessFilter, after: AccessKey | None, limit: int) -> Sequence[Access]:
+        def key(e: Access) -> tuple:
+            return (e.at, e.message_id, e.certificate_id)
+
+        def day(e: Access) -> dt.date:
+            return e.at.astimezone(CALENDAR_ZONE).date()
+
+        rows = [e for e in self._uow.state.access_log.values()
+                if e.patient_id == query.patient_id
+                and (query.day_from is None or day(e) >= query.day_from)
+                and (query.day_to is None or day(e) <= query.day_to)
+                and (after is None or key(e) < (after.at, after.message_id, after.certificate_id))]
+        return sorted(rows, key=key, reverse=True)[:limit]
+
+
 class FakeInbox:
     def __init__(self, uow: FakeUnitOfWork) -> None:
         self._uow = uow
@@ -164,6 +192,7 @@ class FakeUnitOfWork:
         self.certificates = FakeCertificates(self)
         self.consents = FakeConsents(self)
         self.progress = FakeProgress(self)
+        self.access_log = FakeAccessLog(self)
         self.inbox = FakeInbox(self)
         self.outbox = FakeOutbox(self)
 

@@ -17,6 +17,7 @@ except ImportError:  # tests/ itself on sys.path
 CG, CU = "SE2321000016-1000", "SE2321000016-1004"
 CG2, CU2 = "SE2321000016-2000", "SE2321000016-2004"
 DOCTOR = {"person_id": "SE2321000016-1003", "name": "Ajla Doktor"}
+BY = {"accessed_by": factories.ACCESSED_BY}  # CONTRACT §9: every care message names who accesses
 
 REPLY_KEYS = {"result", "error_id", "code", "message", "request_id", "data"}
 ERROR_IDS = {"INVALID_MESSAGE": "VALIDATION_ERROR", "INVALID_PERSONNUMMER": "VALIDATION_ERROR",
@@ -40,6 +41,8 @@ EVENT_FIELDS = {
     "certificate.purged": {"certificate_id", "reason"},
     "sent": {"recipient_id", "sent_by", "certificate"},
     "revoked": {"recipient_id", "certificate_id", "patient_id", "reason"},
+    "access.logged": {"at", "action", "certificate_id", "certificate_type", "patient_id", "person_id", "person_name",
+                      "care_unit_id", "care_giver_id"},
 }
 
 DEAD_LETTER_HEADERS = ("x-intyg-error-code", "x-intyg-error", "x-intyg-attempts", "x-intyg-original-routing-key",
@@ -52,7 +55,7 @@ def certificate(cid: str, patient: str, *, care_giver: str = CG, care_unit: str 
 
 
 def revoke_body(cid: str, patient: str, reason: str | None = "fel patient") -> dict[str, Any]:
-    return {"certificate_id": cid, "patient_id": patient, "revoked_by": DOCTOR, "reason": reason}
+    return {"certificate_id": cid, "patient_id": patient, "revoked_by": DOCTOR, "reason": reason, **BY}
 
 
 def check_reply(wire: Wire, message_id: str, result: str, code: str | None = None, *,
@@ -77,7 +80,7 @@ def check_reply(wire: Wire, message_id: str, result: str, code: str | None = Non
 
 def check_event(msg: Msg) -> dict[str, Any]:
     """§7: persistent, JSON, message_id = event_id, type = routing key, the table's fields exactly; broadcast
-    events carry neither a patient id nor a document."""
+    events carry neither a patient id nor a document. Access log entries (§9) too."""
     body, props = msg.body, msg.properties
     assert msg.exchange == "intyg.events"
     assert props.delivery_mode == 2, msg
@@ -89,6 +92,8 @@ def check_event(msg: Msg) -> dict[str, Any]:
         fields = EVENT_FIELDS[msg.routing_key]
         keys = {k for k, _ in walk(body)}
         assert "patient_id" not in keys and "document" not in keys, body
+    elif msg.routing_key == "access.logged":  # for the national log's queue only: with the patient
+        fields = EVENT_FIELDS[msg.routing_key]
     else:
         assert msg.routing_key.startswith("recipient.")
         fields = EVENT_FIELDS[msg.routing_key.rsplit(".", 1)[-1]]

@@ -11,11 +11,11 @@ from urllib.parse import urlsplit
 import pytest
 
 try:
-    from tests.e2e.common import certificate, check_dead_letter, check_reply
+    from tests.e2e.common import BY, CG, certificate, check_dead_letter, check_event, check_reply, revoke_body
     from tests.e2e.harness import Msg, dlq_cli, new_id, new_patient
     from tests.proxy import TcpProxy
 except ImportError:  # tests/ itself on sys.path
-    from e2e.common import certificate, check_dead_letter, check_reply
+    from e2e.common import BY, CG, certificate, check_dead_letter, check_event, check_reply, revoke_body
     from e2e.harness import Msg, dlq_cli, new_id, new_patient
     from proxy import TcpProxy
 
@@ -55,6 +55,32 @@ def test_a_crash_between_commit_and_ack_stores_once_and_still_replies_and_publis
     assert wire.ready("intyg.registration") == 0 and wire.ready("intyg.registration.dlq") == 0
     # and it goes on working
     check_reply(wire, wire.send("certificate.register", {"certificate": certificate(new_id(), p)}), "OK")
+
+
+@pytest.mark.parametrize("routing_key", ["certificate.get-for-care", "certificate.revoke"])
+def test_a_crash_between_commit_and_ack_logs_the_access_once(launch, wire, stack, routing_key):
+    """§9: the entry is committed with the answer; the redelivery (a query: answered again, not from the inbox; a
+    command: from the inbox) neither logs nor publishes it again."""
+    message_id = f"crash-{uuid.uuid4()}"
+    cid, p = new_id(), new_patient()
+    crashing = launch(TEST_CRASH_AFTER_COMMIT=message_id)
+    check_reply(wire, wire.send("certificate.register", {"certificate": certificate(cid, p)}), "OK")
+    body = {"certificate_id": cid, "care_giver_id": CG, **BY} if routing_key == "certificate.get-for-care" \
+        else revoke_body(cid, p)
+    wire.send(routing_key, body, message_id=message_id)
+    assert crashing.wait(30) == -signal.SIGKILL
+    entries = "select count(*) from access_log where message_id = %s"
+    assert stack.db.scalar(entries, message_id) == 1  # committed before the crash, never acknowledged
+
+    launch()
+    check_reply(wire, message_id, "OK")
+    wire.pump(1.5)  # a second entry would be published now
+    assert stack.db.scalar(entries, message_id) == 1
+    [published] = [check_event(m) for m in wire.take("intyg.access-log", count=1)]
+    assert wire.take("intyg.access-log", settle=0.5) == []
+    assert (published["certificate_id"], published["patient_id"]) == (cid, p)
+    queue = "intyg.query" if routing_key == "certificate.get-for-care" else "intyg.status"
+    assert wire.ready(queue) == 0 and wire.ready(f"{queue}.dlq") == 0
 
 
 def test_the_broker_going_away_and_back_loses_nothing_and_applies_each_message_once(launch, wire, stack):

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import pytest
 
 try:
-    from tests.e2e.common import CG, CG2, CU2, certificate, check_reply, grant_users, new_broker_users, revoke_body
+    from tests.e2e.common import BY, CG, CG2, CU2, certificate, check_reply, grant_users, new_broker_users, revoke_body
     from tests.e2e.harness import Wire, dlq_cli, new_id, new_patient
 except ImportError:  # tests/ itself on sys.path
-    from e2e.common import CG, CG2, CU2, certificate, check_reply, grant_users, new_broker_users, revoke_body
+    from e2e.common import BY, CG, CG2, CU2, certificate, check_reply, grant_users, new_broker_users, revoke_body
     from e2e.harness import Wire, dlq_cli, new_id, new_patient
 
 from contracts.topology import H_ORIGINAL_USER_ID
@@ -100,7 +100,7 @@ def test_a_forged_original_user_header_on_a_fresh_message_is_ignored(world, stac
     w = world(revoke_wait_s=2)
     cid, p = new_id(), new_patient()
     w.register_for_b(cid, p)
-    read_b = {"certificate_id": cid, "care_giver_id": CG2}
+    read_b = {"certificate_id": cid, "care_giver_id": CG2, **BY}
     # a care user naming the operator, or the care user of the other care giver, is still only itself
     w.check("care_a", "certificate.get-for-care", read_b, "ERROR", "FORBIDDEN",
             headers={H_ORIGINAL_USER_ID: w.users["operator"]})

@@ -9,11 +9,11 @@ from collections import Counter
 import pytest
 
 try:
-    from tests.e2e.common import (CG, CG2, CU, CU2, certificate, check_dead_letter, check_event, check_reply,
+    from tests.e2e.common import (BY, CG, CG2, CU, CU2, certificate, check_dead_letter, check_event, check_reply,
                                   revoke_body)
     from tests.e2e.harness import new_id, new_patient
 except ImportError:  # tests/ itself on sys.path
-    from e2e.common import CG, CG2, CU, CU2, certificate, check_dead_letter, check_event, check_reply, revoke_body
+    from e2e.common import BY, CG, CG2, CU, CU2, certificate, check_dead_letter, check_event, check_reply, revoke_body
     from e2e.harness import new_id, new_patient
 
 from service.client import Client
@@ -72,10 +72,11 @@ def test_every_message_type_is_answered_with_its_reply_events_and_recipient_deli
     assert sorted(c["id"] for c in page["certificates"]) == sorted([c1, c2, c3])
     assert all("document" not in c for c in page["certificates"]) and page["next_page_token"] is None
 
-    for_care = ok("certificate.get-for-care", {"certificate_id": c1, "care_giver_id": CG})["data"]
+    for_care = ok("certificate.get-for-care", {"certificate_id": c1, "care_giver_id": CG, **BY})["data"]
     assert for_care["document"] == cert1["document"] and "archived" not in for_care
-    ok("certificate.get-for-care", {"certificate_id": c1, "care_giver_id": CG2}, "ERROR", "NOT_FOUND")
-    care_list = ok("certificate.list-for-care", {"patient_id": p, "care_giver_id": CG, "care_unit_ids": [CU]})["data"]
+    ok("certificate.get-for-care", {"certificate_id": c1, "care_giver_id": CG2, **BY}, "ERROR", "NOT_FOUND")
+    care_list = ok("certificate.list-for-care",
+                   {"patient_id": p, "care_giver_id": CG, "care_unit_ids": [CU], **BY})["data"]
     assert sorted(c["id"] for c in care_list["certificates"]) == sorted([c1, c2])
 
     # certificate.send: whole certificate to the recipient; refusals answered
@@ -83,7 +84,7 @@ def test_every_message_type_is_answered_with_its_reply_events_and_recipient_deli
                                    "sent_by": "CITIZEN", "care_giver_id": None})
     assert sent["result"] == "OK"
     ok("certificate.send", {"certificate_id": c1, "patient_id": p, "recipient_id": "FKASSA", "sent_by": "CARE",
-                            "care_giver_id": CG}, "INFO", "ALREADY_SENT")
+                            "care_giver_id": CG, **BY}, "INFO", "ALREADY_SENT")
     ok("certificate.send", {"certificate_id": c1, "patient_id": p, "recipient_id": "TRANSP", "sent_by": "CITIZEN"},
        "ERROR", "RECIPIENT_REJECTS_TYPE")
     ok("certificate.send", {"certificate_id": c1, "patient_id": p, "recipient_id": "NOPE", "sent_by": "CITIZEN"},
@@ -96,7 +97,7 @@ def test_every_message_type_is_answered_with_its_reply_events_and_recipient_deli
     ok("certificate.set-status", {"certificate_id": c1, "patient_id": p, "status": "ARCHIVED"}, "INFO", "NO_CHANGE")
     archived = ok("certificate.list", {"patient_id": p, "archived": True})["data"]["certificates"]
     assert [c["id"] for c in archived] == [c1]
-    for_care = ok("certificate.get-for-care", {"certificate_id": c1, "care_giver_id": CG})["data"]
+    for_care = ok("certificate.get-for-care", {"certificate_id": c1, "care_giver_id": CG, **BY})["data"]
     assert {s["status"] for s in for_care["statuses"]} == {"RECEIVED", "SENT"}  # care never sees ARCHIVED
     ok("certificate.set-status", {"certificate_id": c1, "patient_id": p, "status": "RESTORED"})
 
@@ -112,13 +113,13 @@ def test_every_message_type_is_answered_with_its_reply_events_and_recipient_deli
     assert got["statuses"][1]["target"] == "FKASSA"
 
     # certificate.remove-care-copy (consent given: the citizen keeps it)
-    removed = ok("certificate.remove-care-copy", {"certificate_id": c1, "care_giver_id": CG})
+    removed = ok("certificate.remove-care-copy", {"certificate_id": c1, "care_giver_id": CG, **BY})
     assert removed["data"]["outcome"] == "CITIZEN_ONLY"
-    ok("certificate.remove-care-copy", {"certificate_id": c1, "care_giver_id": CG}, "INFO", "NO_CHANGE")
-    ok("certificate.get-for-care", {"certificate_id": c1, "care_giver_id": CG}, "ERROR", "NOT_FOUND")
+    ok("certificate.remove-care-copy", {"certificate_id": c1, "care_giver_id": CG, **BY}, "INFO", "NO_CHANGE")
+    ok("certificate.get-for-care", {"certificate_id": c1, "care_giver_id": CG, **BY}, "ERROR", "NOT_FOUND")
 
     # care-giver.remove-care-copies: c3 (consent) kept for the citizen, c4 (no consent) purged
-    left = ok("care-giver.remove-care-copies", {"care_giver_id": CG2})
+    left = ok("care-giver.remove-care-copies", {"care_giver_id": CG2, **BY})
     assert left["data"] == {"citizen_only": 1, "purged": 1}
 
     # consent.set withdrawn: purges what care no longer has (c1, c3); c2 is still care's
@@ -145,6 +146,8 @@ def test_every_message_type_is_answered_with_its_reply_events_and_recipient_deli
         ("certificate.revoked", c2): 1,
         ("certificate.care-copy-removed", c1): 1, ("certificate.care-copy-removed", c3): 1,
         ("certificate.purged", c4): 1, ("certificate.purged", c1): 1, ("certificate.purged", c3): 1,
+        # §9: c1 read twice, listed, sent by care, revoked twice, care copy removed twice; c2 listed and revoked
+        ("access.logged", c1): 8, ("access.logged", c2): 2, ("access.logged", c3): 1, ("access.logged", c4): 1,
     }), counts
     assert len({b["event_id"] for b in bodies}) == len(bodies)
     assert not any(p in e.raw.decode() or p2 in e.raw.decode() for e in wire.events
@@ -177,6 +180,20 @@ def test_every_message_type_is_answered_with_its_reply_events_and_recipient_deli
                                  "patient_id": p, "reason": "fel patient"}
     for other in ("TRANSP", "AF", "SKV", "SOS"):
         assert wire.ready(f"recipient.{other}") == 0
+
+    # --- §9: the national log's queue holds each entry once, with the patient; the citizen reads the log ------
+    logged = [check_event(m) for m in wire.take("intyg.access-log", count=12)]
+    assert wire.take("intyg.access-log", settle=0.5) == []
+    assert len({e["event_id"] for e in logged}) == 12 and {e["patient_id"] for e in logged} == {p, p2}
+    assert {(e["person_id"], e["care_unit_id"]) for e in logged} == {(BY["accessed_by"]["person_id"], CU)}
+    mine = ok("access-log.list", {"patient_id": p})["data"]  # no consent needed: it was withdrawn above
+    assert len(mine["entries"]) == 11 and mine["next_page_token"] is None
+    assert [e["at"] for e in mine["entries"]] == sorted((e["at"] for e in mine["entries"]), reverse=True)
+    assert [(e["action"], e["certificate_id"]) for e in mine["entries"]][:3] == [
+        ("REMOVE_CARE_COPY", c3), ("REMOVE_CARE_COPY", c1), ("REMOVE_CARE_COPY", c1)]
+    theirs = ok("access-log.list", {"patient_id": p2})["data"]["entries"]
+    assert [(e["action"], e["certificate_id"], e["care_giver_id"]) for e in theirs] == [
+        ("REMOVE_CARE_COPY", c4, CG2)]  # c4 is purged: its entry remains
 
     # nothing above was dead-lettered; no personnummer in clear in the service's log
     for queue in ("intyg.registration", "intyg.status", "intyg.consent", "intyg.query"):
@@ -249,6 +266,15 @@ def test_each_invalid_message_is_answered_and_dead_lettered_with_its_reason_and_
                 "intyg.consent"),  # bad check digit
         invalid("certificate.revoke", revoke_body("x", "19121212-1212X"), "INVALID_PERSONNUMMER", "patient_id",
                 "intyg.status"),
+        # §9: a care message must name who accesses, with well-formed HSA ids and a name
+        invalid("certificate.get-for-care", {"certificate_id": "x", "care_giver_id": CG}, "INVALID_MESSAGE",
+                "accessed_by: Field required", "intyg.query"),
+        invalid("certificate.get-for-care", {"certificate_id": "x", "care_giver_id": CG,
+                                             "accessed_by": {**BY["accessed_by"], "person_id": "SE 1"}},
+                "INVALID_MESSAGE", "accessed_by.person_id", "intyg.query"),
+        invalid("certificate.remove-care-copy", {"certificate_id": "x", "care_giver_id": CG,
+                                                 "accessed_by": {**BY["accessed_by"], "name": ""}},
+                "INVALID_MESSAGE", "accessed_by.name", "intyg.status"),
         # straight into a service queue (default exchange), so its routing key is no message type at all
         invalid("intyg.status", {"certificate_id": "x"}, "INVALID_MESSAGE", "unknown routing key", "intyg.status",
                 exchange=""),
@@ -277,10 +303,11 @@ def test_each_invalid_message_is_answered_and_dead_lettered_with_its_reason_and_
     cid = new_id()
     check_reply(wire, wire.send("certificate.register", {"certificate": certificate(cid, p)}), "OK")
     check_reply(wire, wire.send("certificate.send", {"certificate_id": cid, "patient_id": p, "recipient_id": "FKASSA",
-                                                     "sent_by": "CARE", "care_giver_id": CG}), "OK")
+                                                     "sent_by": "CARE", "care_giver_id": CG, **BY}), "OK")
     check_reply(wire, wire.send("certificate.send", {"certificate_id": cid, "patient_id": p, "recipient_id": "FKASSA",
-                                                     "sent_by": "CARE", "care_giver_id": CG}), "INFO", "ALREADY_SENT")
-    check_reply(wire, wire.send("certificate.get-for-care", {"certificate_id": "nope", "care_giver_id": CG}),
+                                                     "sent_by": "CARE", "care_giver_id": CG, **BY}),
+                "INFO", "ALREADY_SENT")
+    check_reply(wire, wire.send("certificate.get-for-care", {"certificate_id": "nope", "care_giver_id": CG, **BY}),
                 "ERROR", "NOT_FOUND")
 
     letters = {q: wire.take(f"{q}.dlq") for q in ("intyg.registration", "intyg.status", "intyg.consent",

@@ -8,10 +8,10 @@ import time
 import pytest
 
 try:
-    from tests.e2e.common import CG, certificate, check_dead_letter, check_event, check_reply, revoke_body
+    from tests.e2e.common import BY, CG, certificate, check_dead_letter, check_event, check_reply, revoke_body
     from tests.e2e.harness import Msg, dlq_cli, new_id, new_patient
 except ImportError:  # tests/ itself on sys.path
-    from e2e.common import CG, certificate, check_dead_letter, check_event, check_reply, revoke_body
+    from e2e.common import BY, CG, certificate, check_dead_letter, check_event, check_reply, revoke_body
     from e2e.harness import Msg, dlq_cli, new_id, new_patient
 
 pytestmark = pytest.mark.integration
@@ -29,13 +29,15 @@ def test_a_revoke_that_overtakes_its_register_is_applied_when_the_register_arriv
     check_reply(wire, register, "OK")
     check_reply(wire, revoke, "OK", timeout=10)
 
-    care = check_reply(wire, wire.send("certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG}), "OK")
+    care = check_reply(wire, wire.send("certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG, **BY}),
+                       "OK")
     assert care["data"]["revoked"] is True and care["data"]["revoked_at"]
     assert [s["status"] for s in care["data"]["statuses"]] == ["RECEIVED", "REVOKED"]
     wire.wait_events("certificate.revoked", certificate_id=cid)
     wire.pump(0.5)
-    order = [e.routing_key for e in wire.events]
+    order = [e.routing_key for e in wire.events if e.routing_key.startswith("certificate.")]
     assert order == ["certificate.registered", "certificate.revoked"]  # in the order they happened
+    assert [e.body["action"] for e in wire.events_where("access.logged")] == ["REVOKE", "READ"]
     for event in wire.events:
         check_event(event)
     assert len(wire.replies[revoke]) == 1

@@ -10,10 +10,10 @@ import pytest
 from pika.exceptions import ChannelClosedByBroker
 
 try:
-    from tests.e2e.common import CG, CG2, CU2, broker_users_for, certificate, check_reply, revoke_body
+    from tests.e2e.common import BY, CG, CG2, CU2, broker_users_for, certificate, check_reply, revoke_body
     from tests.e2e.harness import Wire, dlq_cli, new_id, new_patient
 except ImportError:  # tests/ itself on sys.path
-    from e2e.common import CG, CG2, CU2, broker_users_for, certificate, check_reply, revoke_body
+    from e2e.common import BY, CG, CG2, CU2, broker_users_for, certificate, check_reply, revoke_body
     from e2e.harness import Wire, dlq_cli, new_id, new_patient
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,8 @@ def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch,
         other = new_id()
         as_("care", "certificate.register", {"certificate": certificate(other, p, care_giver=CG2, care_unit=CU2)},
             "ERROR", "FORBIDDEN")
-        as_("care", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG2}, "ERROR", "FORBIDDEN")
+        as_("care", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG2, **BY},
+            "ERROR", "FORBIDDEN")
         assert stack.db.scalar("select count(*) from certificates") == 0
         assert stack.db.scalar("select count(*) from consents") == 0
 
@@ -51,13 +52,18 @@ def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch,
         as_("care", "certificate.register", {"certificate": certificate(cid, p)})
         as_("portal", "consent.set", {"patient_id": p, "given": True})
         as_("portal", "certificate.send", {"certificate_id": cid, "patient_id": p, "recipient_id": "FKASSA",
-                                           "sent_by": "CARE", "care_giver_id": CG}, "ERROR", "FORBIDDEN")
+                                           "sent_by": "CARE", "care_giver_id": CG, **BY}, "ERROR", "FORBIDDEN")
         as_("portal", "certificate.send", {"certificate_id": cid, "patient_id": p, "recipient_id": "FKASSA",
                                            "sent_by": "CITIZEN"})
-        as_("care", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG})
+        as_("care", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG, **BY})
         as_("portal", "certificate.get", {"certificate_id": cid, "patient_id": p})
-        as_("operator", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG})
+        as_("operator", "certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG, **BY})
         as_("operator", "certificate.register", {"certificate": certificate(other, p, care_giver=CG2, care_unit=CU2)})
+        # §9: the citizen portal reads who accessed, and operators may; care never reads the log
+        as_("care", "access-log.list", {"patient_id": p}, "ERROR", "FORBIDDEN")
+        entries = as_("portal", "access-log.list", {"patient_id": p})["data"]["entries"]
+        assert [(e["action"], e["certificate_id"]) for e in entries] == [("READ", cid), ("READ", cid)]
+        assert len(as_("operator", "access-log.list", {"patient_id": p})["data"]["entries"]) == 2
 
         # FORBIDDEN is not remembered: the same message_id from an entitled sender applies
         shared = f"shared-{new_id()}"
@@ -78,7 +84,7 @@ def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch,
         assert letter.headers["x-intyg-original-user-id"] == users["care"]
 
         # no user_id: no role (the broker only checks a user_id that is present)
-        check_reply(care, care.send("certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG}),
+        check_reply(care, care.send("certificate.get-for-care", {"certificate_id": cid, "care_giver_id": CG, **BY}),
                     "ERROR", "FORBIDDEN")
         # another user's user_id: RabbitMQ refuses the publish and closes the channel
         with pytest.raises(ChannelClosedByBroker) as refused:
@@ -92,7 +98,7 @@ def test_roles_forbid_what_a_broker_user_may_not_send_and_allow_the_rest(launch,
     wire.pump(0.5)
     assert Counter(e.routing_key for e in wire.events) == Counter({
         "certificate.registered": 2, "certificate.sent": 1, "recipient.FKASSA.certificate.sent": 1,
-        "certificate.archived": 1})
+        "certificate.archived": 1, "access.logged": 2})  # care's and the operator's reads
     assert stack.db.scalar("select given from consents where patient_id = %s", p) is True
     for queue in ("intyg.registration", "intyg.status", "intyg.consent", "intyg.query"):
         assert wire.ready(f"{queue}.dlq") == 0, queue  # refusals are answers, not dead letters

@@ -19,10 +19,12 @@ from personnummer import personnummer as pnr
 from sqlalchemy import func, select, text
 
 from consumers.pipeline import Envelope, Policy, parse, process
+from contracts.topology import ACCESS_LOGGED
 from service.settings import Settings
+from storage.retention import Retention, delete_batch
 from storage.engine import make_engine
-from storage.tables import (certificate_documents, certificate_statuses, certificates, consents, metadata, outbox,
-                            tombstones)
+from storage.tables import (access_log, certificate_documents, certificate_statuses, certificates, consents, metadata,
+                            outbox, tombstones)
 from storage.uow import SqlUnitOfWork
 
 try:
@@ -39,6 +41,7 @@ OTHER_PATIENT = factories.OTHER_PATIENT  # 199001012385
 THIRD_PATIENT = factories.THIRD_PATIENT  # 201701102384
 GIVER, OTHER_GIVER = factories.CARE_GIVER, factories.OTHER_CARE_GIVER
 UNIT, UNIT_2, UNIT_3 = "SE2321000016-1004", "SE2321000016-1005", "SE2321000016-2004"
+BY = {"accessed_by": factories.ACCESSED_BY}  # CONTRACT §9: care messages name who accesses
 CATALOGUE = Settings().catalogue
 POLICY = Policy(catalogue=CATALOGUE)
 TABLES = ", ".join(t.name for t in metadata.sorted_tables)
@@ -131,7 +134,8 @@ def citizen_list(engine, patient_id: str, **query) -> list[dict[str, Any]]:
 
 def care_list(engine, patient_id: str, care_giver_id: str, units: list[str], **query) -> dict[str, Any]:
     return ok(handle(engine, "certificate.list-for-care",
-                     {"patient_id": patient_id, "care_giver_id": care_giver_id, "care_unit_ids": units, **query}))
+                     {"patient_id": patient_id, "care_giver_id": care_giver_id, "care_unit_ids": units, **BY,
+                      **query}))
 
 
 def set_status(engine, certificate: dict[str, Any], status: str, **kw) -> dict[str, Any]:
@@ -148,14 +152,15 @@ def send(engine, certificate: dict[str, Any], recipient: str = "FKASSA", **kw) -
 def remove_care_copy(engine, certificate: dict[str, Any], **kw) -> dict[str, Any]:
     return handle(engine, "certificate.remove-care-copy",
                   {"certificate_id": certificate["id"],
-                   "care_giver_id": certificate["issued_by"]["care_giver"]["id"]}, **kw)
+                   "care_giver_id": certificate["issued_by"]["care_giver"]["id"], **BY}, **kw)
 
 
 # --- reading what landed ----------------------------------------------------------------------------------------
 def outbox_rows(engine, kind: str = "event") -> list[tuple[str, dict[str, Any]]]:
-    """(routing key, body) in publication order."""
+    """(routing key, body) in publication order; access log entries (`access.logged`) left out."""
     with engine.connect() as conn:
-        rows = conn.execute(select(outbox.c.routing_key, outbox.c.body).where(outbox.c.kind == kind)
+        rows = conn.execute(select(outbox.c.routing_key, outbox.c.body)
+                            .where(outbox.c.kind == kind, outbox.c.routing_key != ACCESS_LOGGED)
                             .order_by(outbox.c.id)).all()
     return [(r.routing_key, json.loads(bytes(r.body))) for r in rows]
 
@@ -205,7 +210,8 @@ def count(engine, table, column, value) -> int:
 
 def assert_purged(engine, certificate: dict[str, Any], reason: str) -> None:
     assert tombstone_of(engine, certificate["id"]) == reason
-    assert tables_mentioning(engine, certificate["id"]) <= {"tombstones", "inbox", "outbox"}
+    # The access log documents who accessed it, not its content: its entries (ids only) outlive the purge (§9).
+    assert tables_mentioning(engine, certificate["id"]) <= {"tombstones", "inbox", "outbox", "access_log"}
     for table in (certificates, certificate_documents, certificate_statuses):
         assert count(engine, table, "id" if table is certificates else "certificate_id", certificate["id"]) == 0
 
@@ -270,7 +276,7 @@ def test_a_certificate_from_register_to_purge(engine):
     before = len(outbox_rows(engine))
     ok(handle(engine, "certificate.revoke", {"certificate_id": first["id"], "patient_id": PATIENT,
                                              "revoked_by": {"person_id": "SE2321000016-1003", "name": "Ajla"},
-                                             "reason": "fel patient"}))
+                                             "reason": "fel patient", **BY}))
     new = outbox_rows(engine)[before:]
     assert [key for key, _ in new] == ["certificate.revoked", "recipient.FKASSA.certificate.revoked"]
     assert new[1][1] | {"event_id": None, "occurred_at": None} == {
@@ -289,7 +295,7 @@ def test_a_certificate_from_register_to_purge(engine):
     assert got["available_to_care"] is False and got["statuses"][-1]["status"] == "CARE_COPY_REMOVED"
     assert code(remove_care_copy(engine, first)) == "NO_CHANGE"
     assert code(handle(engine, "certificate.get-for-care",
-                       {"certificate_id": first["id"], "care_giver_id": GIVER})) == "NOT_FOUND"
+                       {"certificate_id": first["id"], "care_giver_id": GIVER, **BY})) == "NOT_FOUND"
 
     # consent withdrawn: the certificate without care copy goes for good; the others stay with care
     assert ok(give_consent(engine, PATIENT, False)) == {"purged": 1}
@@ -316,7 +322,7 @@ def test_base64_document_comes_back_as_given(engine):
     body = register(engine, patient_id=OTHER_PATIENT,
                     document={"media_type": "application/pdf", "encoding": "base64", "content": raw})
     assert ok(citizen_get(engine, body))["document"] == body["document"]
-    got = ok(handle(engine, "certificate.get-for-care", {"certificate_id": body["id"], "care_giver_id": GIVER}))
+    got = ok(handle(engine, "certificate.get-for-care", {"certificate_id": body["id"], "care_giver_id": GIVER, **BY}))
     assert got["document"] == body["document"] and "archived" not in got
 
 
@@ -332,7 +338,8 @@ def test_removing_the_care_copy_without_consent_purges(engine):
 
 def test_another_care_giver_cannot_remove_the_care_copy(engine):
     body = register(engine)
-    reply = handle(engine, "certificate.remove-care-copy", {"certificate_id": body["id"], "care_giver_id": OTHER_GIVER})
+    reply = handle(engine, "certificate.remove-care-copy", {"certificate_id": body["id"], "care_giver_id": OTHER_GIVER,
+                                                            **BY})
     assert code(reply) == "NOT_FOUND"
     assert row_of(engine, body["id"]).available_to_care is True
 
@@ -350,7 +357,7 @@ def test_a_care_giver_leaving_is_done_in_batches_with_right_totals(engine):
     others = [register(engine, patient_id=p, care_giver_id=OTHER_GIVER, care_unit_id=UNIT_3)
               for p in (with_consent, without_consent)]
 
-    parsed = parse(envelope("care-giver.remove-care-copies", {"care_giver_id": GIVER}, "leaving-1"), policy)
+    parsed = parse(envelope("care-giver.remove-care-copies", {"care_giver_id": GIVER, **BY}, "leaving-1"), policy)
     calls, processed = 0, None
     while processed is None or processed.more:
         with SqlUnitOfWork(engine) as uow:  # each batch its own transaction
@@ -376,11 +383,11 @@ def test_a_care_giver_leaving_is_done_in_batches_with_right_totals(engine):
 
     # the same message again: the stored totals, nothing done twice
     events_before = len(outbox_rows(engine))
-    assert handle(engine, "care-giver.remove-care-copies", {"care_giver_id": GIVER}, message_id="leaving-1",
+    assert handle(engine, "care-giver.remove-care-copies", {"care_giver_id": GIVER, **BY}, message_id="leaving-1",
                   policy=policy) == reply
     assert len(outbox_rows(engine)) == events_before
     # a later, new message finds nothing left
-    assert ok(handle(engine, "care-giver.remove-care-copies", {"care_giver_id": GIVER}, policy=policy)) == {
+    assert ok(handle(engine, "care-giver.remove-care-copies", {"care_giver_id": GIVER, **BY}, policy=policy)) == {
         "citizen_only": 0, "purged": 0}
 
 
@@ -579,7 +586,8 @@ def test_send_and_archive_of_one_certificate_at_once_both_land(engine):
 def test_removing_the_care_copy_while_consent_is_withdrawn_never_leaves_an_orphan(engine):
     """The rule: no certificate without a care copy and without consent. Whichever of the two commands wins the
     patient, the certificate ends up purged."""
-    remove = lambda body: ("certificate.remove-care-copy", {"certificate_id": body["id"], "care_giver_id": GIVER})  # noqa: E731
+    remove = lambda body: ("certificate.remove-care-copy", {"certificate_id": body["id"], "care_giver_id": GIVER,
+                                                                **BY})  # noqa: E731
     withdraw = lambda body: ("consent.set", {"patient_id": body["patient_id"], "given": False})  # noqa: E731
 
     def fresh(serial: int) -> dict[str, Any]:
@@ -614,3 +622,142 @@ def test_removing_the_care_copy_while_consent_is_withdrawn_never_leaves_an_orpha
             "SELECT count(*) FROM certificates c LEFT JOIN consents k ON k.patient_id = c.patient_id "
             "WHERE NOT c.available_to_care AND NOT coalesce(k.given, false)")).scalar_one()
     assert orphans == 0
+
+
+# --- the access log (CONTRACT §9) ---------------------------------------------------------------------------------
+NURSE = {"person_id": "SE2321000016-7777", "name": "Sköterska Stina", "care_unit_id": UNIT_2}
+
+
+def access_entries(engine, certificate_id: str | None = None) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        query = select(access_log).order_by(access_log.c.at, access_log.c.message_id, access_log.c.certificate_id)
+        if certificate_id is not None:
+            query = query.where(access_log.c.certificate_id == certificate_id)
+        return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def access_published(engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(outbox.c.exchange, outbox.c.message_id, outbox.c.body)
+                            .where(outbox.c.routing_key == ACCESS_LOGGED).order_by(outbox.c.id)).all()
+    bodies = [json.loads(bytes(r.body)) for r in rows]
+    assert all(r.exchange == "intyg.events" and r.message_id == b["event_id"] for r, b in zip(rows, bodies))
+    return bodies
+
+
+def _care_messages(body: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Each care action of §9 on the registered certificate `body`, by its action."""
+    cid, giver = body["id"], body["issued_by"]["care_giver"]["id"]
+    return {
+        "READ": ("certificate.get-for-care", {"certificate_id": cid, "care_giver_id": giver}),
+        "LIST": ("certificate.list-for-care", {"patient_id": PATIENT, "care_giver_id": giver, "care_unit_ids": [UNIT]}),
+        "REVOKE": ("certificate.revoke", {"certificate_id": cid, "patient_id": PATIENT,
+                                          "revoked_by": {"person_id": NURSE["person_id"], "name": "Stina"}}),
+        "REMOVE_CARE_COPY": ("certificate.remove-care-copy", {"certificate_id": cid, "care_giver_id": giver}),
+        "SEND": ("certificate.send", {"certificate_id": cid, "patient_id": PATIENT, "recipient_id": "FKASSA",
+                                      "sent_by": "CARE", "care_giver_id": giver}),
+    }
+
+
+@pytest.mark.parametrize("action", ["READ", "LIST", "REVOKE", "REMOVE_CARE_COPY", "SEND"])
+def test_each_care_action_is_logged_with_its_reader_in_the_transaction_of_the_answer(engine, action):
+    body = register(engine)
+    routing_key, message = _care_messages(body)[action]
+    parsed = parse(envelope(routing_key, {**message, "accessed_by": NURSE}, "care-1"), POLICY)
+    with SqlUnitOfWork(engine) as uow:
+        assert process(parsed, uow, POLICY).reply.result.value == "OK"
+        uow.flush()
+        assert access_entries(engine) == [] and access_published(engine) == []  # not before the commit ...
+        uow.commit()
+    [entry] = access_entries(engine)  # ... and then together with the answer
+    assert entry["at"] is not None and entry["message_id"] == "care-1"
+    del entry["at"], entry["message_id"]
+    assert entry == {"action": action, "certificate_id": body["id"], "certificate_type": "lisjp",
+                     "patient_id": PATIENT, "care_giver_id": GIVER, "person_id": NURSE["person_id"],
+                     "person_name": "Sköterska Stina", "care_unit_id": UNIT_2}
+    [published] = access_published(engine)
+    assert {k: published[k] for k in entry} == entry and published["type"] == ACCESS_LOGGED
+
+
+def test_a_care_giver_leaving_logs_every_certificate_of_every_batch(engine):
+    ids = {register(engine)["id"] for _ in range(5)}
+    handle(engine, "care-giver.remove-care-copies", {"care_giver_id": GIVER, **BY},
+           policy=Policy(catalogue=CATALOGUE, bulk_batch_size=2))
+    assert {e["certificate_id"] for e in access_entries(engine)} == ids and len(access_entries(engine)) == 5
+    assert {e["action"] for e in access_entries(engine)} == {"REMOVE_CARE_COPY"}
+    assert len(access_published(engine)) == 5
+
+
+def test_a_redelivered_query_logs_and_publishes_nothing_twice(engine):
+    body = register(engine)
+    message = {"certificate_id": body["id"], "care_giver_id": GIVER, **BY}
+    for _ in range(2):  # queries are not kept in the inbox: the same message_id is answered again
+        ok(handle(engine, "certificate.get-for-care", message, message_id="read-once"))
+    assert len(access_entries(engine)) == 1 and len(access_published(engine)) == 1
+    ok(handle(engine, "certificate.get-for-care", message))  # another read is another entry
+    assert len(access_entries(engine)) == 2
+
+
+def test_a_care_list_logs_what_it_returned_and_an_empty_one_nothing(engine):
+    bodies = [register(engine, signed_at=f"2026-11-0{n + 1}T10:00:00+01:00") for n in range(3)]
+    page = care_list(engine, PATIENT, GIVER, [UNIT], page_size=2)
+    assert {e["certificate_id"] for e in access_entries(engine)} == {c["id"] for c in page["certificates"]} == {
+        bodies[2]["id"], bodies[1]["id"]}
+    assert care_list(engine, OTHER_PATIENT, GIVER, [UNIT])["certificates"] == []
+    assert care_list(engine, PATIENT, GIVER, [UNIT_3])["certificates"] == []
+    assert len(access_entries(engine)) == 2
+
+
+def test_the_entries_of_a_purged_certificate_remain(engine):
+    body = register(engine)
+    ok(handle(engine, "certificate.get-for-care", {"certificate_id": body["id"], "care_giver_id": GIVER, **BY}))
+    assert ok(remove_care_copy(engine, body)) == {"outcome": "PURGED"}
+    assert_purged(engine, body, "CARE_COPY_REMOVED_WITHOUT_CONSENT")
+    assert [e["action"] for e in access_entries(engine, body["id"])] == ["READ", "REMOVE_CARE_COPY"]
+    listed = ok(handle(engine, "access-log.list", {"patient_id": PATIENT}))["entries"]
+    assert [(e["action"], e["certificate_id"]) for e in listed] == [("REMOVE_CARE_COPY", body["id"]),
+                                                                    ("READ", body["id"])]
+
+
+def _backdate(engine, certificate_id: str, at: dt.datetime) -> None:
+    with engine.begin() as conn:
+        conn.execute(access_log.update().where(access_log.c.certificate_id == certificate_id).values(at=at))
+
+
+def test_retention_removes_only_entries_older_than_the_cutoff_in_batches(engine):
+    retention = Retention(access_log_retention=dt.timedelta(days=3653))
+    cutoff = dt.datetime.now(dt.UTC) - retention.access_log_retention
+    old, kept = [register(engine) for _ in range(5)], register(engine)
+    for body in [*old, kept]:
+        ok(handle(engine, "certificate.get-for-care", {"certificate_id": body["id"], "care_giver_id": GIVER, **BY}))
+    for n, body in enumerate(old):
+        _backdate(engine, body["id"], cutoff - dt.timedelta(days=n + 1))
+    _backdate(engine, kept["id"], cutoff + dt.timedelta(days=1))  # not old enough yet: kept
+    with engine.connect() as conn:
+        assert [delete_batch(conn, "access_log", retention, batch=2) for _ in range(4)] == [2, 2, 1, 0]
+    assert [e["certificate_id"] for e in access_entries(engine)] == [kept["id"]]
+
+
+def test_the_patient_reads_the_log_newest_first_by_swedish_day_in_pages(engine):
+    bodies = [register(engine) for _ in range(3)]
+    for body in bodies:
+        ok(handle(engine, "certificate.get-for-care", {"certificate_id": body["id"], "care_giver_id": GIVER, **BY}))
+    other = register(engine, patient_id=OTHER_PATIENT)
+    ok(handle(engine, "certificate.get-for-care", {"certificate_id": other["id"], "care_giver_id": GIVER, **BY}))
+    days = [dt.datetime(2026, 11, 30, 23, 30, tzinfo=dt.UTC),  # 1 December 00:30 in Stockholm
+            dt.datetime(2026, 11, 30, 22, 59, tzinfo=dt.UTC),  # 30 November 23:59
+            dt.datetime(2026, 12, 1, 22, 59, tzinfo=dt.UTC)]  # 1 December 23:59
+    for body, at in zip(bodies, days):
+        _backdate(engine, body["id"], at)
+
+    def listed(**query) -> dict[str, Any]:
+        return ok(handle(engine, "access-log.list", {"patient_id": PATIENT, **query}))
+
+    first = listed(page_size=2)
+    assert [e["certificate_id"] for e in first["entries"]] == [bodies[2]["id"], bodies[0]["id"]]
+    rest = listed(page_size=2, page_token=first["next_page_token"])
+    assert [e["certificate_id"] for e in rest["entries"]] == [bodies[1]["id"]] and rest["next_page_token"] is None
+    assert [e["certificate_id"] for e in listed(**{"from": "2026-12-01", "to": "2026-12-01"})["entries"]] == [
+        bodies[2]["id"], bodies[0]["id"]]
+    assert [e["certificate_id"] for e in listed(to="2026-11-30")["entries"]] == [bodies[1]["id"]]
+    assert not {e["patient_id"] for e in listed()["entries"]} - {PATIENT}

@@ -151,7 +151,8 @@ def test_garbage_is_answered_and_dead_lettered(service, requester):
 
 def test_a_revoke_that_never_finds_its_register_is_retried_then_not_found(service, requester):
     body = {"certificate_id": f"never-{uuid.uuid4()}", "patient_id": factories.PATIENT,
-            "revoked_by": {"person_id": "SE2321000016-1003", "name": "Ajla Doktor"}, "reason": None}
+            "revoked_by": {"person_id": "SE2321000016-1003", "name": "Ajla Doktor"}, "reason": None,
+            "accessed_by": factories.ACCESSED_BY}
     started = time.monotonic()
     message_id = requester.send("certificate.revoke", body)
     _, reply = requester.reply(message_id, timeout=20)

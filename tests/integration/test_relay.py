@@ -5,16 +5,18 @@ the broker through exclusive queues bound to routing keys unique to each test.
 """
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 import uuid
 
 import pika
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, recipient_binding, recipient_queue
 from publishers.relay import UNROUTABLE_REPLY, OutboxRelay
+from service.topology import declare_exchanges
 from storage.engine import make_engine
 from storage.outbox import (RELAY_LOCK, OutboxMessage, SqlOutbox, parked_rows, pending_count, release_lead,
                             try_lead, unpark)

@@ -123,9 +123,9 @@ def test_migrate_from_empty_then_again_is_a_no_op(database_url):
     with _FreshDatabase(database_url, "migrate") as url:
         assert migrate.current(url) is None
         migrate.upgrade(url)
-        assert migrate.current(url) == migrate.head() == "0003"
+        assert migrate.current(url) == migrate.head() == "0004"
         migrate.upgrade(url)
-        assert migrate.current(url) == "0003"
+        assert migrate.current(url) == "0004"
         engine = make_engine(url)
         try:
             with engine.connect() as conn:

@@ -10,7 +10,8 @@ import pika
 import pytest
 
 from consumers.retry import retry_queue
-from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, SERVICE_QUEUES, UNROUTED, dlq, recipient_queue
+from contracts.topology import (ACCESS_LOG_QUEUE, ACCESS_LOGGED, COMMANDS_EXCHANGE, EVENTS_EXCHANGE, SERVICE_QUEUES,
+                                UNROUTED, dlq, recipient_queue)
 from service import topology
 from service.settings import Settings
 
@@ -75,6 +76,7 @@ def test_queue_types_and_retry_arguments(amqp_url, settings):
         assert queues[recipient_queue(recipient.id)]["type"] == "quorum"
         assert queues[recipient_queue(recipient.id)]["durable"]
     assert queues[UNROUTED]["type"] == "quorum" and queues[dlq(UNROUTED)]["type"] == "quorum"
+    assert queues[ACCESS_LOG_QUEUE]["type"] == "quorum" and queues[ACCESS_LOG_QUEUE]["durable"]
 
 
 def _arguments(queue: dict) -> dict:
@@ -128,6 +130,23 @@ def test_an_unknown_message_type_reaches_the_unrouted_queue(amqp_url, settings, 
     assert _passive(channel, UNROUTED).method.message_count == 1
     method, _properties, _body = channel.basic_get(UNROUTED, auto_ack=True)
     assert method.routing_key == "certificate.hack"
+
+
+def test_the_access_log_queue_gets_access_entries_and_no_broadcast(amqp_url, settings, channel):
+    """§9: `intyg.access-log` is bound to `access.logged` alone; certificate events and deliveries never reach it,
+    and the entries (which name the patient) reach no broadcast subscriber of `certificate.#`."""
+    topology.declare(channel, settings)
+    channel.confirm_delivery()
+    channel.queue_purge(ACCESS_LOG_QUEUE)
+    broadcast = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(broadcast, EVENTS_EXCHANGE, routing_key="certificate.#")
+    channel.basic_publish(EVENTS_EXCHANGE, ACCESS_LOGGED, b"{}", mandatory=True)
+    for key in ("certificate.registered", "certificate.purged", "recipient.FKASSA.certificate.sent"):
+        channel.basic_publish(EVENTS_EXCHANGE, key, b"{}")
+    assert _passive(channel, ACCESS_LOG_QUEUE).method.message_count == 1
+    assert _passive(channel, broadcast).method.message_count == 2
+    channel.queue_purge(ACCESS_LOG_QUEUE)
+    channel.queue_purge(recipient_queue("FKASSA"))
 
 
 def test_a_conflicting_queue_is_named(amqp_url, channel):

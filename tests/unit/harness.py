@@ -10,6 +10,7 @@ from typing import Any
 
 from consumers.pipeline import Envelope, Invalid, Policy, error_reply, parse, process
 from contracts.replies import Reply
+from contracts.topology import ACCESS_LOGGED
 from domain.model import Catalogue, Recipient
 from service.settings import DEFAULT_RECIPIENTS, DEFAULT_TYPES
 
@@ -35,6 +36,7 @@ def policy(**overrides: Any) -> Policy:
 
 
 _ids = itertools.count(1)
+_BY = {"accessed_by": factories.ACCESSED_BY}  # CONTRACT §9: care messages name who accesses
 
 
 @dataclass
@@ -81,13 +83,20 @@ class Service:
 
     # --- events ------------------------------------------------------------------------------------------------
     def events(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(m.routing_key, json.loads(m.body)) for m in self.uow.state.outbox if m.kind == "event"]
+        """The certificate events and recipient deliveries (access log entries: `access_events`)."""
+        return [(m.routing_key, json.loads(m.body)) for m in self.uow.state.outbox
+                if m.kind == "event" and m.routing_key != ACCESS_LOGGED]
 
     def new_events(self) -> list[tuple[str, dict[str, Any]]]:
         out = self.uow.state.outbox
-        fresh = [(m.routing_key, json.loads(m.body)) for m in out[self._seen:] if m.kind == "event"]
+        fresh = [(m.routing_key, json.loads(m.body)) for m in out[self._seen:]
+                 if m.kind == "event" and m.routing_key != ACCESS_LOGGED]
         self._seen = len(out)
         return fresh
+
+    def access_events(self) -> list[dict[str, Any]]:
+        """What went to `intyg.access-log` through the outbox, oldest first."""
+        return [json.loads(m.body) for m in self.uow.state.outbox if m.routing_key == ACCESS_LOGGED]
 
     # --- the commands and queries in their usual shape ------------------------------------------------------
     def register(self, **overrides: Any) -> Reply:
@@ -102,21 +111,21 @@ class Service:
 
     def remove_care_copy(self, certificate_id: str, care_giver_id: str = factories.CARE_GIVER) -> Reply:
         return self.send("certificate.remove-care-copy",
-                         {"certificate_id": certificate_id, "care_giver_id": care_giver_id})
+                         {"certificate_id": certificate_id, "care_giver_id": care_giver_id, **_BY})
 
     def remove_care_copies(self, care_giver_id: str = factories.CARE_GIVER, **kwargs: Any) -> Reply:
-        return self.send("care-giver.remove-care-copies", {"care_giver_id": care_giver_id}, **kwargs)
+        return self.send("care-giver.remove-care-copies", {"care_giver_id": care_giver_id, **_BY}, **kwargs)
 
     def revoke(self, certificate_id: str, patient_id: str = factories.PATIENT, reason: str | None = "fel patient") -> Reply:
         return self.send("certificate.revoke", {"certificate_id": certificate_id, "patient_id": patient_id,
                                                 "revoked_by": {"person_id": "SE2321000016-1003", "name": "Ajla"},
-                                                "reason": reason})
+                                                "reason": reason, **_BY})
 
     def send_to(self, certificate_id: str, recipient_id: str = "FKASSA", patient_id: str = factories.PATIENT,
                 sent_by: str = "CITIZEN", care_giver_id: str | None = None) -> Reply:
         return self.send("certificate.send", {"certificate_id": certificate_id, "patient_id": patient_id,
                                               "recipient_id": recipient_id, "sent_by": sent_by,
-                                              "care_giver_id": care_giver_id})
+                                              "care_giver_id": care_giver_id, **(_BY if sent_by == "CARE" else {})})
 
     def get(self, certificate_id: str, patient_id: str = factories.PATIENT) -> Reply:
         return self.send("certificate.get", {"certificate_id": certificate_id, "patient_id": patient_id})
@@ -125,12 +134,21 @@ class Service:
         return self.send("certificate.list", {"patient_id": patient_id, **filters})
 
     def get_for_care(self, certificate_id: str, care_giver_id: str = factories.CARE_GIVER) -> Reply:
-        return self.send("certificate.get-for-care", {"certificate_id": certificate_id, "care_giver_id": care_giver_id})
+        return self.send("certificate.get-for-care", {"certificate_id": certificate_id, "care_giver_id": care_giver_id,
+                                                      **_BY})
 
     def list_for_care(self, patient_id: str = factories.PATIENT, care_giver_id: str = factories.CARE_GIVER,
                       care_unit_ids: tuple[str, ...] = (factories.CARE_UNIT,), **more: Any) -> Reply:
         return self.send("certificate.list-for-care", {"patient_id": patient_id, "care_giver_id": care_giver_id,
-                                                       "care_unit_ids": list(care_unit_ids), **more})
+                                                       "care_unit_ids": list(care_unit_ids), **_BY, **more})
+
+    def access_log(self, patient_id: str = factories.PATIENT, user_id: str | None = None, **fields: Any) -> Reply:
+        return self.send("access-log.list", {"patient_id": patient_id, **fields}, user_id=user_id)
+
+    def logged(self) -> list[tuple[str, str, str]]:
+        """(action, certificate id, person id) of every stored access log entry, oldest first."""
+        entries = sorted(self.uow.state.access_log.values(), key=lambda e: (e.at, e.message_id, e.certificate_id))
+        return [(e.action, e.certificate_id, e.person_id) for e in entries]
 
     # --- short answers --------------------------------------------------------------------------------------
     def citizen_ids(self, patient_id: str = factories.PATIENT, **filters: Any) -> list[str] | str:

@@ -15,12 +15,15 @@ from .harness import factories, policy
 
 PATIENT = factories.PATIENT
 REVOKED_BY = {"person_id": "SE2321000016-1003", "name": "Ajla Doktor"}
+ACCESSED_BY = factories.ACCESSED_BY
 
 VALID: dict[str, dict] = {
     "certificate.register": {"certificate": factories.certificate_json()},
-    "certificate.revoke": {"certificate_id": "c1", "patient_id": PATIENT, "revoked_by": REVOKED_BY, "reason": None},
-    "certificate.remove-care-copy": {"certificate_id": "c1", "care_giver_id": factories.CARE_GIVER},
-    "care-giver.remove-care-copies": {"care_giver_id": factories.CARE_GIVER},
+    "certificate.revoke": {"certificate_id": "c1", "patient_id": PATIENT, "revoked_by": REVOKED_BY, "reason": None,
+                           "accessed_by": ACCESSED_BY},
+    "certificate.remove-care-copy": {"certificate_id": "c1", "care_giver_id": factories.CARE_GIVER,
+                                     "accessed_by": ACCESSED_BY},
+    "care-giver.remove-care-copies": {"care_giver_id": factories.CARE_GIVER, "accessed_by": ACCESSED_BY},
     "certificate.set-status": {"certificate_id": "c1", "patient_id": PATIENT, "status": "ARCHIVED"},
     "certificate.send": {"certificate_id": "c1", "patient_id": PATIENT, "recipient_id": "FKASSA",
                          "sent_by": "CITIZEN", "care_giver_id": None},
@@ -28,11 +31,15 @@ VALID: dict[str, dict] = {
     "certificate.get": {"certificate_id": "c1", "patient_id": PATIENT},
     "certificate.list": {"patient_id": PATIENT, "archived": False, "types": [], "signed_from": None,
                          "signed_to": None, "page_size": 100, "page_token": None},
-    "certificate.get-for-care": {"certificate_id": "c1", "care_giver_id": factories.CARE_GIVER},
+    "certificate.get-for-care": {"certificate_id": "c1", "care_giver_id": factories.CARE_GIVER,
+                                 "accessed_by": ACCESSED_BY},
     "certificate.list-for-care": {"patient_id": PATIENT, "care_giver_id": factories.CARE_GIVER,
-                                  "care_unit_ids": [factories.CARE_UNIT], "page_size": 10, "page_token": None},
+                                  "care_unit_ids": [factories.CARE_UNIT], "page_size": 10, "page_token": None,
+                                  "accessed_by": ACCESSED_BY},
     "consent.get": {"patient_id": PATIENT},
     "recipient.list": {"certificate_type": None},
+    "access-log.list": {"patient_id": PATIENT, "from": "2026-11-01", "to": None, "page_size": 100,
+                        "page_token": None},
 }
 
 

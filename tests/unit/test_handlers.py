@@ -10,12 +10,14 @@ import pytest
 
 from consumers.pipeline import RetryLater
 from contracts.registry import EVENTS
+from contracts.topology import ACCESS_LOGGED
 from domain.model import Catalogue, Recipient
 
 from .harness import CATALOGUE, Service, code, factories, policy
 
 PATIENT, OTHER_PATIENT = factories.PATIENT, factories.OTHER_PATIENT
 CARE_GIVER, OTHER_CARE_GIVER, CARE_UNIT = factories.CARE_GIVER, factories.OTHER_CARE_GIVER, factories.CARE_UNIT
+BY = {"accessed_by": factories.ACCESSED_BY}
 
 
 @pytest.fixture
@@ -39,6 +41,9 @@ def assert_valid_events(service: Service) -> None:
                                            message.routing_key).groups()
             assert body["recipient_id"] == recipient
             EVENTS[f"recipient.{{recipient_id}}.certificate.{what}"].model_validate(body)
+        elif message.routing_key == ACCESS_LOGGED:  # not a broadcast: only for the national log's queue
+            EVENTS[ACCESS_LOGGED].model_validate(body)
+            assert "document" not in body and "certificate" not in body
         else:
             EVENTS[message.routing_key].model_validate(body)
             assert "patient_id" not in body and "document" not in body and "certificate" not in body
@@ -351,7 +356,8 @@ def test_care_giver_leaving_redelivered_is_answered_from_the_inbox():
     service = Service(policy=policy(bulk_batch_size=2))
     for n in range(5):
         service.register(id=f"c{n}")
-    envelope = service.envelope("care-giver.remove-care-copies", {"care_giver_id": CARE_GIVER}, message_id="leave")
+    envelope = service.envelope("care-giver.remove-care-copies", {"care_giver_id": CARE_GIVER, **BY},
+                                message_id="leave")
     first = service.deliver(envelope)
     assert first.data == {"citizen_only": 0, "purged": 5} and service.calls == 3
     assert service.deliver(envelope) == first and service.calls == 1
@@ -405,7 +411,7 @@ def test_test_certificates_produce_no_recipient_deliveries(service):
 
 def test_revoke_overtaking_its_register_is_retried_and_leaves_no_trace(service):
     envelope = service.envelope("certificate.revoke", {"certificate_id": "early", "patient_id": PATIENT,
-                                                       "revoked_by": {"person_id": "SE-1", "name": "A"}})
+                                                       "revoked_by": {"person_id": "SE-1", "name": "A"}, **BY})
     with pytest.raises(RetryLater) as raised:
         service.deliver(envelope)
     assert (raised.value.reply.code.value, raised.value.reply.error_id.value) == ("NOT_FOUND", "APPLICATION_ERROR")
@@ -451,15 +457,15 @@ def test_roles_decide_who_may_send_what():
     assert code(service.send("certificate.register", body, user_id="portal")) == "FORBIDDEN"
     assert code(service.send("certificate.register", body, user_id="stranger")) == "FORBIDDEN"
     assert code(service.send("consent.set", {"patient_id": PATIENT, "given": True}, user_id="webcert")) == "FORBIDDEN"
-    assert code(service.send("certificate.get-for-care", {"certificate_id": "c1", "care_giver_id": CARE_GIVER},
+    assert code(service.send("certificate.get-for-care", {"certificate_id": "c1", "care_giver_id": CARE_GIVER, **BY},
                              user_id="portal")) == "FORBIDDEN"
     assert service.uow.state.certificates == {} and service.events() == []
     assert code(service.send("certificate.register", body, user_id="webcert")) == "OK"
     assert code(service.send("consent.set", {"patient_id": PATIENT, "given": True}, user_id="portal")) == "OK"
-    send = {"certificate_id": "c1", "patient_id": PATIENT, "recipient_id": "FKASSA", "sent_by": "CARE",
+    send = {"certificate_id": "c1", "patient_id": PATIENT, "recipient_id": "FKASSA", "sent_by": "CITIZEN",
             "care_giver_id": CARE_GIVER}
-    assert code(service.send("certificate.send", send, user_id="portal")) == "FORBIDDEN"  # speaks as care
-    assert code(service.send("certificate.send", {**send, "sent_by": "CITIZEN"}, user_id="portal")) == "OK"
+    assert code(service.send("certificate.send", {**send, "sent_by": "CARE", **BY}, user_id="portal")) == "FORBIDDEN"
+    assert code(service.send("certificate.send", send, user_id="portal")) == "OK"
 
 
 def test_a_care_user_limited_to_some_care_givers_acts_only_for_them():
@@ -468,12 +474,12 @@ def test_a_care_user_limited_to_some_care_givers_acts_only_for_them():
                                                        issued_by=factories.issued_by(OTHER_CARE_GIVER, CARE_UNIT))}
     assert code(service.send("certificate.register", other, user_id="region")) == "FORBIDDEN"
     assert code(service.send("certificate.register", other, user_id="webcert")) == "OK"
-    assert code(service.send("care-giver.remove-care-copies", {"care_giver_id": OTHER_CARE_GIVER},
+    assert code(service.send("care-giver.remove-care-copies", {"care_giver_id": OTHER_CARE_GIVER, **BY},
                              user_id="region")) == "FORBIDDEN"
-    revoke = {"certificate_id": "c2", "patient_id": PATIENT, "revoked_by": {"person_id": "SE-1", "name": "A"}}
+    revoke = {"certificate_id": "c2", "patient_id": PATIENT, "revoked_by": {"person_id": "SE-1", "name": "A"}, **BY}
     assert code(service.send("certificate.revoke", revoke, user_id="region")) == "NOT_FOUND"  # never reveal
-    assert code(service.send("certificate.get-for-care", {"certificate_id": "c2", "care_giver_id": OTHER_CARE_GIVER},
-                             user_id="region")) == "FORBIDDEN"
+    assert code(service.send("certificate.get-for-care", {"certificate_id": "c2", "care_giver_id": OTHER_CARE_GIVER,
+                                                          **BY}, user_id="region")) == "FORBIDDEN"
 
 
 def test_forbidden_is_not_remembered_and_a_replay_acts_as_its_sender():

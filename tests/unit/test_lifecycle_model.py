@@ -3,6 +3,7 @@ after every step against a small reference model of the seed written here, indep
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
@@ -59,6 +60,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.certs: dict[str, Cert] = {}
         self.purged: set[str] = set()
         self.consent: dict[str, bool] = {p: False for p in PATIENTS}
+        self.accessed: Counter[tuple[str, str]] = Counter()  # (action, certificate id) of every care access (§9)
 
     # --- helpers -----------------------------------------------------------------------------------------------
     def answer(self, reply) -> str:
@@ -164,6 +166,8 @@ class Lifecycle(RuleBasedStateMachine):
             expected = "OK"
             cert.sent_to.append(recipient)
             events = [("certificate.sent", cid), (f"recipient.{recipient}.certificate.sent", cid)]
+        if by_care and expected != "NOT_FOUND":
+            self.accessed["SEND", cid] += 1
         assert self.answer(reply) == expected
         self.check_new_events(events)
 
@@ -190,6 +194,8 @@ class Lifecycle(RuleBasedStateMachine):
             expected, cert.revoked = "OK", True
             events = [("certificate.revoked", cid)] + [
                 (f"recipient.{r}.certificate.revoked", cid) for r in ([] if cert.test else cert.sent_to)]
+        if expected != "NOT_FOUND":
+            self.accessed["REVOKE", cid] += 1
         assert self.answer(reply) == expected
         self.check_new_events(events)
 
@@ -206,6 +212,8 @@ class Lifecycle(RuleBasedStateMachine):
         reply = self.service.remove_care_copy(cid, giver)
         cert = self.certs.get(cid)
         events = []
+        if cert is not None and cert.giver == giver:
+            self.accessed["REMOVE_CARE_COPY", cid] += 1
         if cert is None or cert.giver != giver:
             assert self.answer(reply) == "NOT_FOUND"
         elif not cert.available_to_care:
@@ -223,6 +231,7 @@ class Lifecycle(RuleBasedStateMachine):
         events = []
         for cid, cert in sorted(self.certs.items()):
             if cert.giver == giver and cert.available_to_care:
+                self.accessed["REMOVE_CARE_COPY", cid] += 1
                 outcome, event = self._remove(cid, cert)
                 counts[outcome.lower()] += 1
                 events.append((event, cid))
@@ -278,12 +287,23 @@ class Lifecycle(RuleBasedStateMachine):
                 visible = cert is not None and cert.giver == giver and cert.available_to_care
                 assert self.answer(reply) == ("OK" if visible else "NOT_FOUND")
                 if visible:
+                    self.accessed["READ", cid] += 1
                     assert "archived" not in reply.data
                     assert not {s["status"] for s in reply.data["statuses"]} & {"ARCHIVED", "RESTORED"}
             for patient in PATIENTS:
                 listed = self.service.care_ids(patient, giver, tuple(GIVERS.values()))
+                self.accessed.update(("LIST", cid) for cid in listed)
                 assert sorted(listed) == sorted(cid for cid, c in self.certs.items()
                                                 if c.patient == patient and c.giver == giver and c.available_to_care)
+
+    @invariant()
+    def every_care_access_has_exactly_one_entry_published_once(self):
+        """§9, whatever happened to the certificate since (purged ones included)."""
+        log = self.service.uow.state.access_log.values()
+        assert Counter((e.action, e.certificate_id) for e in log) == self.accessed
+        assert all(e.person_id == factories.ACCESSED_BY["person_id"] for e in log)
+        published = Counter(e["event_id"] for e in self.service.access_events())
+        assert len(published) == sum(self.accessed.values()) and set(published.values()) <= {1}
 
     @invariant()
     def purged_ids_never_come_back(self):
