@@ -136,6 +136,17 @@ def test_a_recipient_delivery_is_erased_as_soon_as_it_is_published(engine, amqp_
         ("certificate.registered", True), ("certificate.sent", True)]  # kept for OUTBOX_RETENTION; no patient
 
 
+def test_an_access_log_publication_names_the_patient_and_is_erased_once_published(engine, amqp_url):
+    certificate = register_and_send(engine)
+    handle(engine, "certificate.get-for-care", {"certificate_id": certificate["id"],
+                                                "care_giver_id": certificate["issued_by"]["care_giver"]["id"],
+                                                "accessed_by": factories.ACCESSED_BY})
+    logged = [r for r in outbox_of(engine, certificate["id"]) if r.routing_key == "access.logged"]
+    assert [r.erase_when_published for r in logged] == [True]
+    relay_for(amqp_url, engine).run_once()
+    assert [r.routing_key for r in outbox_of(engine, certificate["id"])] == ["certificate.registered"]
+
+
 def test_a_purged_certificate_leaves_nothing_in_the_outbox_but_deliveries_decided_before_the_purge(
         engine, amqp_url, recipient_channel):
     certificate = register_and_send(engine)
