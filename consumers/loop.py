@@ -38,6 +38,7 @@ from consumers.pipeline import Invalid
 from contracts.replies import Code
 from contracts.topology import CONSUMED_QUEUES, SERVICE_QUEUES, UNROUTED, dlq
 from domain.privacy import patient_hash
+from publishers import amqp
 from publishers.replies import DirectPublisher, copy_properties
 from storage.uow import SqlUnitOfWork
 
@@ -55,14 +56,6 @@ def policy_from(settings: Any) -> pipeline.Policy:
                            enforce_roles=settings.enforce_roles, roles=roles,
                            bulk_batch_size=settings.bulk_batch_size,
                            access_log_required=settings.access_log_required)
-
-
-def connection_parameters(amqp_url: str, name: str) -> pika.URLParameters:
-    params = pika.URLParameters(amqp_url)
-    params.client_properties = {"connection_name": name, "product": "intygstjanst"}
-    if "blocked_connection_timeout" not in amqp_url:
-        params.blocked_connection_timeout = 120  # a broker alarm that never clears ends in a reconnect
-    return params
 
 
 class Backoff:
@@ -174,8 +167,8 @@ class Consumer(threading.Thread):
     # -- a session: one connection, consuming until stopped or broken -------------------------------------------
 
     def _session(self) -> None:
-        self._connection = connection = pika.BlockingConnection(
-            connection_parameters(self.settings.amqp_url, f"intygstjanst {self.queue} #{self.index}"))
+        self._connection = connection = amqp.connect(amqp.Broker.from_settings(self.settings),
+                                                     f"intygstjanst {self.queue} #{self.index}")
         publish_channel = connection.channel()
         if self.declare is not None:
             self.declare(publish_channel)

@@ -37,6 +37,7 @@ from pika import spec
 from sqlalchemy import Connection, Engine, text
 
 from contracts.topology import EVENTS_EXCHANGE, recipient_binding, recipient_queue
+from publishers import amqp
 from publishers.settlement import UNROUTABLE_REPLY, recipient_of, settle
 from storage import outbox as store
 from storage.engine import one_session
@@ -294,8 +295,7 @@ class _Session:
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def run(self) -> int:
-        params = pika.URLParameters(self.relay.amqp_url)
-        params.client_properties = {"connection_name": self.relay.connection_name}
+        params = amqp.next_node(self.relay.amqp_url, self.relay.connection_name)
         self.conn = pika.SelectConnection(params, on_open_callback=self._guard(self._on_open),
                                           on_open_error_callback=self._on_open_error,
                                           on_close_callback=self._on_closed)

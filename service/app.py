@@ -26,6 +26,7 @@ from pika.exceptions import AMQPConnectionError
 from consumers.loop import Backoff, Consumer, consumer_count, make_consumers
 from consumers.metrics import NO_METRICS, LoopMetrics
 from contracts.topology import CONSUMED_QUEUES
+from publishers.amqp import Broker
 from service import topology, tracing
 from service.logging import get_logger
 from storage import migrate
@@ -79,7 +80,7 @@ class Service:
         if self.with_relay:
             from publishers.relay import OutboxRelay
 
-            self.relay = OutboxRelay(settings.amqp_url, self.engine, batch_size=settings.relay_batch_size,
+            self.relay = OutboxRelay(Broker.from_settings(settings), self.engine, batch_size=settings.relay_batch_size,
                                      poll_s=settings.relay_poll_s, log=get_logger("intygstjanst.relay"),
                                      backoff_max_s=settings.reconnect_max_s,
                                      max_attempts=settings.relay_max_attempts,
@@ -125,7 +126,8 @@ class Service:
                 if not worth_waiting(exc):
                     raise
                 delay = backoff.next()
-                self.log.warning(f"{what}: not reachable ({type(exc).__name__}); trying again in {delay:.1f}s")
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # names the node, never a password
+                self.log.warning(f"{what}: not reachable ({reason}); trying again in {delay:.1f}s")
                 if self._stop.wait(delay):
                     raise StartupAborted(what) from exc
 

@@ -31,7 +31,15 @@ app.add_typer(outbox_app, name="outbox")
 
 
 def _settings() -> Settings:
-    return Settings()
+    from publishers.amqp import BrokerUrlError, split_nodes
+
+    settings = Settings()
+    try:
+        split_nodes(settings.amqp_url)
+    except BrokerUrlError as wrong:  # a configuration error: retrying cannot help, so say so and stop
+        console.print(f"[red]configuration error:[/] {wrong}")
+        raise typer.Exit(2) from None
+    return settings
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -196,11 +204,12 @@ def demo(
 
     Needs `intygstjanst serve` running against the same AMQP_URL.
     """
+    from publishers.amqp import Broker
     from service import demo as d
     from service.client import ReplyTimeout
 
     try:
-        d.run(_settings().amqp_url, console, seed=seed)
+        d.run(Broker.from_settings(_settings()), console, seed=seed)
     except ReplyTimeout as timeout:
         console.print(f"[red]{timeout}[/] — is `intygstjanst serve` running against this AMQP_URL?")
         raise typer.Exit(1) from None

@@ -11,6 +11,7 @@ from typing import Any
 import pika
 
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
+from publishers import amqp
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
@@ -20,8 +21,8 @@ class ReplyTimeout(TimeoutError):
 
 
 class Client:
-    def __init__(self, amqp_url: str) -> None:
-        self.connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    def __init__(self, amqp_url: str | amqp.Broker) -> None:
+        self.connection = amqp.connect(amqp_url)
         self.channel = self.connection.channel()
         self._replies: dict[str, dict[str, Any]] = {}
         # Direct reply-to: consume before publishing, on the same channel, with auto-ack (RabbitMQ's rule).
@@ -67,8 +68,8 @@ class Client:
 class Listener:
     """An exclusive queue bound to `intyg.events` (or to a recipient's own queue), to watch what is published."""
 
-    def __init__(self, amqp_url: str, binding: str = "#", queue: str | None = None) -> None:
-        self.connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    def __init__(self, amqp_url: str | amqp.Broker, binding: str = "#", queue: str | None = None) -> None:
+        self.connection = amqp.connect(amqp_url)
         self.channel = self.connection.channel()
         if queue is None:
             queue = self.channel.queue_declare("", exclusive=True).method.queue

@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from contracts.topology import recipient_binding
+from publishers.amqp import Broker
 from service.client import Client, Listener
 from service.testdata import random_personnummer
 
@@ -36,7 +37,7 @@ def lisjp(certificate_id: str, patient_id: str) -> dict[str, Any]:
     }
 
 
-def run(amqp_url: str, console: Console | None = None, seed: int | None = None) -> list[dict[str, Any]]:
+def run(amqp_url: str | Broker, console: Console | None = None, seed: int | None = None) -> list[dict[str, Any]]:
     """Plays the story; returns every reply, in order (the tests read them)."""
     console = console or Console()
     rng = random.Random(seed)

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from enum import Enum
 from typing import Any
 
-import pika
 import typer
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 from rich.console import Console, Group as Stack
@@ -31,6 +30,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
+from publishers import amqp
 from publishers import dlq as ops
 from service.logging import audit_logger
 from service.settings import Settings
@@ -68,9 +68,8 @@ UntilOption = typer.Option(None, "--until", show_default=False, metavar="TIME",
 
 @contextmanager
 def _channel() -> Iterator[Any]:
-    url = Settings().amqp_url
     try:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
+        connection = amqp.connect(amqp.Broker.from_settings(Settings()), "intygstjanst dlq")
     except AMQPError as exc:
         errors.print(f"[red]cannot connect to the broker:[/red] {exc.__class__.__name__} {exc}")
         raise typer.Exit(2) from None

@@ -59,7 +59,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
 
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"  # or several nodes of a cluster, comma-separated
+    # For amqps:// nodes (always verified): the CA bundle (default: the system's) and an optional client certificate.
+    amqp_ca_file: str | None = None
+    amqp_cert_file: str | None = None
+    amqp_key_file: str | None = None
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     certificate_types: list[str] = Field(default_factory=lambda: list(DEFAULT_TYPES))
     recipients: list[RecipientSetting] = Field(default_factory=lambda: list(DEFAULT_RECIPIENTS))
@@ -119,8 +123,8 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, object]:
         """What `intygstjanst config` prints: no passwords."""
         shown = json.loads(self.model_dump_json())
-        for key in ("amqp_url", "database_url"):
-            shown[key] = _without_password(shown[key])
+        shown["amqp_url"] = ",".join(_without_password(node) for node in shown["amqp_url"].split(","))
+        shown["database_url"] = _without_password(shown["database_url"])
         for secret in ("log_salt", "header_signing_key"):
             if shown.get(secret):
                 shown[secret] = "***"

@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import pika
 from pika.exceptions import ChannelClosedByBroker
 
 from consumers.retry import retry_queues
@@ -39,6 +38,7 @@ from contracts.topology import (
     recipient_binding,
     recipient_queue,
 )
+from publishers import amqp
 
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 # Quorum queues dead-letter at most once unless told otherwise; at-least-once needs reject-publish overflow.
@@ -143,7 +143,7 @@ def declare(channel: Any, settings: Any) -> Summary:
 
 def declare_with(amqp_url: str, settings: Any) -> Summary:
     """Open a connection, declare, close."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection = amqp.connect(amqp.Broker.from_settings(settings, amqp_url), "intygstjanst topology")
     try:
         return declare(connection.channel(), settings)
     finally:

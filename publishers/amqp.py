@@ -1,0 +1,189 @@
+"""How every connection of the service reaches the broker: a list of node URLs, optionally over verified TLS.
+
+`AMQP_URL` may name several nodes of one cluster, comma-separated. Each new connection tries them in a shuffled
+order (so that instances spread over the nodes) and takes the first that answers; a connection that is lost is
+opened again the same way, so losing a node moves the service to another one. A `SelectConnection` takes one node
+at a time: `next_node` hands out the nodes in turn (a shuffled round robin per broker), so a relay whose node is
+gone reaches another on its next attempt.
+
+TLS: an `amqps://` node is always verified (certificate chain and host name). The CA bundle is `ca_file` (else the
+system's), and a client certificate (`cert_file`, `key_file`) is sent when given.
+
+Errors never show a password: a malformed entry is named by its position and its redacted text, an unreachable
+node by host and port.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import pika
+from pika.exceptions import AMQPConnectionError
+
+BLOCKED_CONNECTION_TIMEOUT_S = 120  # a broker alarm that never clears ends in a reconnect
+
+
+class BrokerUrlError(ValueError):
+    """`AMQP_URL` (or one entry of its list) is not a usable broker URL."""
+
+
+class BrokerUnreachable(AMQPConnectionError):
+    """No node of the list accepted a connection; the message names each node and why."""
+
+
+def redact(url: str) -> str:
+    """`url` with its password replaced by `***` (works on URLs too broken for `urlsplit`)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}{slash}{tail}"
+
+
+def split_nodes(amqp_url: str) -> list[str]:
+    """The node URLs of a comma-separated list, each checked; raises `BrokerUrlError` naming a bad entry."""
+    entries = [entry.strip() for entry in amqp_url.split(",")]
+    if not any(entries):
+        raise BrokerUrlError("AMQP_URL is empty")
+    for position, entry in enumerate(entries, 1):
+        _check(entry, position, len(entries))
+    return entries
+
+
+def _check(entry: str, position: int, count: int) -> None:
+    where = f"AMQP_URL entry {position} of {count}"
+    if not entry:
+        raise BrokerUrlError(f"{where} is empty (a stray comma?)")
+    try:
+        parts = urlsplit(entry)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ValueError(f"scheme must be amqp or amqps, not {parts.scheme or 'missing'!r}")
+        if not parts.hostname:
+            raise ValueError("no host")
+        pika.URLParameters(entry)
+    except ValueError as exc:
+        raise BrokerUrlError(f"{where} ({redact(entry)}) is not a broker URL: {_without(exc, entry)}") from None
+
+
+def _without(exc: Exception, entry: str) -> str:
+    """The error text, with the password cut out should it quote the entry."""
+    text = str(exc)
+    try:
+        password = urlsplit(entry).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text
+
+
+@dataclass(frozen=True)
+class Broker:
+    """Where and how to connect: `url` is one node URL or several, comma-separated; TLS files for amqps nodes."""
+
+    url: str
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @classmethod
+    def of(cls, target: str | Broker) -> Broker:
+        return target if isinstance(target, Broker) else cls(target)
+
+    @classmethod
+    def from_settings(cls, settings: Any, url: str | None = None) -> Broker:
+        """From the service's settings (duck-typed: consumers and publishers do not import them)."""
+        return cls(url if url is not None else settings.amqp_url,
+                   ca_file=getattr(settings, "amqp_ca_file", None) or None,
+                   cert_file=getattr(settings, "amqp_cert_file", None) or None,
+                   key_file=getattr(settings, "amqp_key_file", None) or None)
+
+    def nodes(self) -> list[str]:
+        return split_nodes(self.url)
+
+    @property
+    def user(self) -> str:
+        return pika.URLParameters(self.nodes()[0]).credentials.username
+
+    def describe(self) -> str:
+        return ",".join(redact(node) for node in self.url.split(","))
+
+    def parameters(self, connection_name: str | None = None, *, shuffle: bool = True) -> list[pika.URLParameters]:
+        """One `URLParameters` per node, in a random order unless `shuffle` is false."""
+        params = [self._parameters(node, connection_name) for node in self.nodes()]
+        if shuffle:
+            random.shuffle(params)
+        return params
+
+    def _parameters(self, node: str, connection_name: str | None) -> pika.URLParameters:
+        params = pika.URLParameters(node)
+        if connection_name is not None:
+            params.client_properties = {"connection_name": connection_name, "product": "intygstjanst"}
+        if "blocked_connection_timeout" not in node:
+            params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT_S
+        if params.ssl_options is not None:
+            params.ssl_options = pika.SSLOptions(self._tls_context(), server_hostname=params.host)
+        return params
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca_file)  # verifies chain and host name
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def connect(target: str | Broker, connection_name: str | None = None) -> pika.BlockingConnection:
+    """A `BlockingConnection` to the first node (in shuffled order) that accepts one. Raises `BrokerUnreachable`
+    naming every node tried and why it failed (an `AMQPConnectionError`, so callers' reconnect loops apply)."""
+    broker = Broker.of(target)
+    failures = []
+    for params in broker.parameters(connection_name):
+        try:
+            return pika.BlockingConnection(params)
+        except AMQPConnectionError as exc:
+            failures.append(f"{node_name(params)}: {describe_failure(exc)}")
+    raise BrokerUnreachable("no broker node accepted a connection: " + "; ".join(failures))
+
+
+def node_name(params: pika.ConnectionParameters) -> str:
+    return f"{'amqps' if params.ssl_options else 'amqp'}://{params.host}:{params.port}"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The innermost reason pika wraps (refused, TLS verification, access refused...), without the URL."""
+    current: BaseException = exc
+    while True:  # pika nests: AMQPConnectionError(AMQPConnector...Error(exception=ConnectionRefusedError(...)))
+        inner = getattr(current, "exception", None)
+        if inner is None and current.args and isinstance(current.args[0], BaseException):
+            inner = current.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        current = inner
+    text = str(current)
+    return f"{type(current).__name__}: {text}" if text else type(current).__name__
+
+
+_rotations: dict[tuple[Broker, str | None], Iterator[pika.URLParameters]] = {}
+_rotations_lock = threading.Lock()
+
+
+def next_node(target: str | Broker, connection_name: str | None = None) -> pika.URLParameters:
+    """The parameters of the next node in a shuffled round robin of `target` (for a `SelectConnection`, which
+    takes one node: each reconnect goes to the next one)."""
+    broker = Broker.of(target)
+    key = (broker, connection_name)
+    with _rotations_lock:
+        rotation = _rotations.get(key)
+        if rotation is None:
+            rotation = _rotations[key] = itertools.cycle(broker.parameters(connection_name))
+        return next(rotation)
+
+
+__all__ = ["Broker", "BrokerUnreachable", "BrokerUrlError", "connect", "describe_failure", "next_node",
+           "node_name", "redact", "split_nodes"]
