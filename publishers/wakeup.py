@@ -20,7 +20,8 @@ class OutboxListener(threading.Thread):
 
     def __init__(self, engine: Engine, wake: Callable[[], None], log: Any, *, backoff_max_s: float = 30.0) -> None:
         super().__init__(name="outbox-listener", daemon=True)
-        self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # The dialect's own translation of the URL: a multi-host URL becomes libpq's host=h1,h2 port=p1,p2.
+        self._connect_args = engine.dialect.create_connect_args(engine.url)[1]
         self._wake, self._log, self._backoff_max_s = wake, log, backoff_max_s
         self._stopped = threading.Event()
 
@@ -32,7 +33,7 @@ class OutboxListener(threading.Thread):
         while not self._stopped.is_set():
             try:
                 # keepalives: a partition must not leave it waiting on a dead socket for hours
-                with psycopg.connect(self._conninfo, autocommit=True, **KEEPALIVE) as conn:
+                with psycopg.connect(autocommit=True, **{**KEEPALIVE, **self._connect_args}) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     backoff = 0.5
                     while not self._stopped.is_set():

@@ -15,6 +15,7 @@ leader lock above all; `client_connection_check_interval` (PostgreSQL 14+) also 
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -38,12 +39,32 @@ class SessionLost(RuntimeError):
 
 
 def to_sqlalchemy_url(database_url: str | URL) -> URL:
-    """`postgres[ql][+driver]://...` -> `postgresql+psycopg://...`, anything else is a configuration error."""
-    url = make_url(database_url)
+    """`postgres[ql][+driver]://...` -> `postgresql+psycopg://...`, anything else is a configuration error.
+    libpq's multi-host form is accepted (see `_hosts_as_query`)."""
+    url = make_url(_hosts_as_query(database_url) if isinstance(database_url, str) else database_url)
     backend = url.drivername.split("+", 1)[0]
     if backend not in _SCHEMES:
         raise ValueError(f"not a PostgreSQL URL (scheme {url.drivername!r})")
     return url.set(drivername="postgresql+psycopg")
+
+
+_NETLOC = re.compile(r"^(?P<scheme>[^:/]+)://(?P<netloc>[^/?#]*)(?P<rest>.*)$", re.S)
+
+
+def _hosts_as_query(database_url: str) -> str:
+    """libpq's `postgresql://u@h1:5432,h2:5432/db?target_session_attrs=read-write` (which SQLAlchemy cannot parse:
+    it reads `5432,h2:5432` as the port) -> SQLAlchemy's spelling of the same, one `host=h:port` query parameter
+    per host, which its psycopg dialect hands to libpq as `host=h1,h2 port=5432,5432`. libpq then tries the hosts
+    in order, skipping one that is down or, with `target_session_attrs=read-write`, a standby."""
+    match = _NETLOC.match(database_url)
+    if match is None:
+        return database_url
+    userinfo, at, hosts = match["netloc"].rpartition("@")
+    if "," not in hosts:
+        return database_url
+    path, _, query = match["rest"].partition("?")
+    listed = "&".join(f"host={host}" for host in hosts.split(",") if host)
+    return f"{match['scheme']}://{userinfo}{at}{path or '/'}?{listed}" + (f"&{query}" if query else "")
 
 
 def _options(url: URL, settings: dict[str, str]) -> str:

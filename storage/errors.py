@@ -11,6 +11,8 @@ Transient:
   SQLAlchemy OperationalError without a SQLSTATE, an invalidated connection, the pool timing out;
 - 40001 serialization_failure and 40P01 deadlock_detected: PostgreSQL asks us to retry;
 - 55P03 lock_not_available: our `lock_timeout` fired, someone held the row or patient lock too long;
+- 25006 read_only_sql_transaction: the connection is on a standby (a failover happened under it, or a URL
+  without `target_session_attrs=read-write`); a new connection finds the primary;
 - 57014 query_canceled: our `statement_timeout` fired (or an operator cancelled the query);
 - class 53 insufficient resources (too many connections, out of memory, disk full): may pass;
 - 23505 unique_violation of a key we check before inserting (`RACED_KEYS`): two deliveries raced — two
@@ -30,7 +32,7 @@ from __future__ import annotations
 import psycopg
 from sqlalchemy import exc as sa_exc
 
-TRANSIENT_STATES = frozenset({"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03"})
+TRANSIENT_STATES = frozenset({"25006", "40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03"})
 TRANSIENT_CLASSES = ("08", "53")
 REFUSED_VALUE_CLASSES = ("22", "54")
 UNIQUE_VIOLATION = "23505"
