@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MESSAGES = 500
 REGISTERED = {"OK"}
 SENT = {"OK"}
+OUTLAST = [1, 2, 4, 8, 16]
 
 
 @pytest.fixture
@@ -54,7 +55,8 @@ def fresh_vhost(_rabbitmq_broker) -> Iterator[str]:
 
 
 def _serve(tmp_path: Path, amqp_url: str, database_url: str) -> ServiceProcess:
-    env = service_env(AMQP_URL=amqp_url, DATABASE_URL=database_url, **FAST)
+    # Retries that outlast the outage (the default test settings give up within a second: UNAVAILABLE).
+    env = service_env(AMQP_URL=amqp_url, DATABASE_URL=database_url, **{**FAST, "RETRY_DELAYS_S": OUTLAST})
     return ServiceProcess(env, tmp_path / "service.log").start(timeout=120)
 
 
