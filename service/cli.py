@@ -115,11 +115,22 @@ def migrate() -> None:
 @app.command()
 def topology(
     as_json: Annotated[bool, typer.Option("--json", help="Print the declared topology as JSON.")] = False,
+    migrate: Annotated[bool, typer.Option("--migrate", help="First rebuild queues and exchanges that exist with "
+                                                            "other settings (an older version's), moving their "
+                                                            "messages. Stop the consumers first.")] = False,
 ) -> None:
     """Declare the exchanges, queues and bindings on the broker (idempotent) and print them."""
     from service import topology as t
 
     settings = _settings()
+    if migrate:
+        from service.topology_migrate import migrate_with
+
+        done = migrate_with(settings)
+        for name in done.exchanges:
+            console.print(f"exchange [bold]{name}[/] declared anew")
+        for name, moved in {**done.queues, **done.resumed}.items():
+            console.print(f"queue [bold]{name}[/] declared anew, {moved} messages moved back into it")
     try:
         summary = t.declare_with(settings.amqp_url, settings)
     except t.TopologyConflict as conflict:

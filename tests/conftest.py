@@ -93,3 +93,18 @@ class BrokerUsers:
 @pytest.fixture(scope="session")
 def broker_users(_rabbitmq_broker) -> BrokerUsers:
     return BrokerUsers(_rabbitmq_broker)
+
+
+@pytest.fixture
+def fresh_vhost(_rabbitmq_broker):
+    """The AMQP URL of a vhost of the test's own (deleted afterwards), for tests that need an empty broker."""
+    broker = _rabbitmq_broker
+    vhost = f"intyg-own-{services.run_id()}"
+    broker.admin.add_vhost(vhost)
+    try:
+        broker.admin.grant_all(vhost, broker.target.user)
+        url = broker.target.url(vhost=vhost)
+        services.wait_for_vhost(url)
+        yield url
+    finally:
+        broker.admin.delete_vhost(vhost)

@@ -40,20 +40,6 @@ def fresh_database(_postgres_server_url) -> Iterator[str]:
     services.drop_database(_postgres_server_url, name)
 
 
-@pytest.fixture
-def fresh_vhost(_rabbitmq_broker) -> Iterator[str]:
-    broker = _rabbitmq_broker
-    vhost = f"intyg-cluster-{services.run_id()}"
-    broker.admin.add_vhost(vhost)
-    try:
-        broker.admin.grant_all(vhost, broker.target.user)
-        url = broker.target.url(vhost=vhost)
-        services.wait_for_vhost(url)
-        yield url
-    finally:
-        broker.admin.delete_vhost(vhost)
-
-
 def _serve(tmp_path: Path, amqp_url: str, database_url: str) -> ServiceProcess:
     # Retries that outlast the outage (the default test settings give up within a second: UNAVAILABLE).
     env = service_env(AMQP_URL=amqp_url, DATABASE_URL=database_url, **{**FAST, "RETRY_DELAYS_S": OUTLAST})
