@@ -146,7 +146,7 @@ def connect(target: str | Broker, connection_name: str | None = None) -> pika.Bl
     for params in broker.parameters(connection_name):
         try:
             return pika.BlockingConnection(params)
-        except AMQPConnectionError as exc:
+        except (AMQPConnectionError, OSError) as exc:  # pika raises a failed TLS handshake as the ssl error itself
             failures.append(f"{node_name(params)}: {describe_failure(exc)}")
     raise BrokerUnreachable("no broker node accepted a connection: " + "; ".join(failures))
 
@@ -158,8 +158,8 @@ def node_name(params: pika.ConnectionParameters) -> str:
 def describe_failure(exc: BaseException) -> str:
     """The innermost reason pika wraps (refused, TLS verification, access refused...), without the URL."""
     current: BaseException = exc
-    while True:  # pika nests: AMQPConnectionError(AMQPConnector...Error(exception=ConnectionRefusedError(...)))
-        inner = getattr(current, "exception", None)
+    while True:  # pika nests: AMQPConnectionError(WorkflowFailed(exceptions=[...Error(exception=OSError(...))]))
+        inner = getattr(current, "exception", None) or (getattr(current, "exceptions", None) or [None])[-1]
         if inner is None and current.args and isinstance(current.args[0], BaseException):
             inner = current.args[0]
         if not isinstance(inner, BaseException):

@@ -76,6 +76,9 @@ class RabbitNode:
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
 
+    def tls_url(self, host: str = "localhost") -> str:
+        return f"amqps://guest:guest@{host}:{self.tls_port}/%2F"
+
 
 class RabbitCluster:
     """`size` RabbitMQ nodes joined into one cluster. `tls` = (ca, cert, key) files adds an amqps listener."""
@@ -133,7 +136,8 @@ class RabbitCluster:
             ca, cert, key = self.tls
             lines += [f"listeners.ssl.default = 127.0.0.1:{node.tls_port}", f"ssl_options.cacertfile = {ca}",
                       f"ssl_options.certfile = {cert}", f"ssl_options.keyfile = {key}",
-                      "ssl_options.verify = verify_none", "ssl_options.fail_if_no_peer_cert = false"]
+                      # clients must show a certificate of the same CA
+                      "ssl_options.verify = verify_peer", "ssl_options.fail_if_no_peer_cert = true"]
         config.write_text("\n".join(lines) + "\n")
         return {**{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))},
                 "HOME": str(self.root),
