@@ -17,30 +17,11 @@ from service.settings import Settings
 from storage.engine import make_engine
 
 try:
-    from tests.cluster import PostgresPair, RabbitCluster, TestCA
+    from tests.cluster import PostgresPair
 except ImportError:  # tests/ itself on sys.path
-    from cluster import PostgresPair, RabbitCluster, TestCA
+    from cluster import PostgresPair
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("pki")
-    ca = TestCA(directory)
-    server_cert, server_key = ca.issue("server")  # localhost and 127.0.0.1
-    broker_cert, broker_key = ca.issue("broker", ips=())  # localhost only
-    client_cert, client_key = ca.issue("client", hosts=("intygstjanst",), ips=(), client=True)
-    (directory / "other").mkdir()
-    stranger = TestCA(directory / "other", "stranger CA")
-    return {"ca": ca.cert, "broker_cert": broker_cert, "broker_key": broker_key, "server_cert": server_cert, "server_key": server_key, "client_cert": client_cert,
-            "client_key": client_key, "stranger_ca": stranger.cert}
-
-
-@pytest.fixture(scope="module")
-def tls_node(pki) -> Iterator[RabbitCluster]:
-    with RabbitCluster(1, tls=(pki["ca"], pki["broker_cert"], pki["broker_key"])) as cluster:
-        yield cluster
 
 
 def _settings(url: str, pki: dict[str, Path], **over: object) -> Settings:
