@@ -14,6 +14,7 @@ node by host and port.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import ssl
@@ -68,7 +69,7 @@ def _check(entry: str, position: int, count: int) -> None:
             raise ValueError(f"scheme must be amqp or amqps, not {parts.scheme or 'missing'!r}")
         if not parts.hostname:
             raise ValueError("no host")
-        pika.URLParameters(entry)
+        _url_parameters(entry)
     except ValueError as exc:
         raise BrokerUrlError(f"{where} ({redact(entry)}) is not a broker URL: {_without(exc, entry)}") from None
 
@@ -109,7 +110,7 @@ class Broker:
 
     @property
     def user(self) -> str:
-        return pika.URLParameters(self.nodes()[0]).credentials.username
+        return _url_parameters(self.nodes()[0])[0].credentials.username
 
     def describe(self) -> str:
         return ",".join(redact(node) for node in self.url.split(","))
@@ -122,20 +123,34 @@ class Broker:
         return params
 
     def _parameters(self, node: str, connection_name: str | None) -> pika.URLParameters:
-        params = pika.URLParameters(node)
+        params, tls = _url_parameters(node)
         if connection_name is not None:
             params.client_properties = {"connection_name": connection_name, "product": "intygstjanst"}
         if "blocked_connection_timeout" not in node:
             params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT_S
-        if params.ssl_options is not None:
-            params.ssl_options = pika.SSLOptions(self._tls_context(), server_hostname=params.host)
+        if tls:
+            context = _tls_context(self.ca_file, self.cert_file, self.key_file)
+            params.ssl_options = pika.SSLOptions(context, server_hostname=params.host)
         return params
 
-    def _tls_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.ca_file)  # verifies chain and host name
-        if self.cert_file:
-            context.load_cert_chain(self.cert_file, self.key_file)
-        return context
+
+def _url_parameters(node: str) -> tuple[pika.URLParameters, bool]:
+    """pika's reading of one node URL, and whether it is amqps. pika would build a default TLS context for an
+    amqps URL (loading the system's CA bundle: slow), which `Broker` replaces anyway, so it reads it as amqp."""
+    tls = node.startswith("amqps://")
+    params = pika.URLParameters("amqp://" + node.removeprefix("amqps://") if tls else node)
+    if tls and urlsplit(node).port is None:
+        params.port = pika.ConnectionParameters.DEFAULT_SSL_PORT
+    return params, tls
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """One context per set of files (loading a CA bundle takes a while), shared by every connection."""
+    context = ssl.create_default_context(cafile=ca_file)  # verifies the chain and the host name
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 def connect(target: str | Broker, connection_name: str | None = None) -> pika.BlockingConnection:
