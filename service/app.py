@@ -80,7 +80,8 @@ class Service:
         if self.with_relay:
             from publishers.relay import OutboxRelay
 
-            self.relay = OutboxRelay(Broker.from_settings(settings), self.engine, batch_size=settings.relay_batch_size,
+            self.relay = OutboxRelay(Broker.from_settings(settings), self.engine,
+                                     batch_size=settings.relay_batch_size,
                                      poll_s=settings.relay_poll_s, log=get_logger("intygstjanst.relay"),
                                      backoff_max_s=settings.reconnect_max_s,
                                      max_attempts=settings.relay_max_attempts,

@@ -16,20 +16,23 @@ An exchange declared differently (`intyg.commands` without its alternate exchang
 the final `declare` binds every queue to it again. A migration cut short (Ctrl-C, a lost connection) is resumed by
 running it again: a `Q.migrating` that still exists is emptied into `Q` first.
 
-A moved message keeps its properties and headers but for `user_id`: the broker lets a publisher set only its own,
-so a message sent by someone else carries its sender in `x-intyg-original-user-id`, as the service's own retry
-copies do. Run it with the service's broker user (its `AMQP_URL`), with the consumers stopped.
+A moved message keeps its body, properties and headers, but for one thing: the broker lets a publisher set only its
+own `user_id`, so a client's command taken out of a service queue goes back as the service's own retry copies do,
+published by the service's user with its sender and routing key in the signed `x-intyg-*` bookkeeping (one attempt
+counted). Run it with the service's settings (its `AMQP_URL` user and signing key), with the consumers stopped.
 """
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+import pika
 from pika.exceptions import ChannelClosedByBroker
 
-from contracts.topology import H_ORIGINAL_USER_ID
+from consumers import retry
+from consumers.envelope import kept_client_headers
 from publishers import amqp
-from publishers.replies import copy_properties
 from service import topology
 
 TEMPORARY_SUFFIX = ".migrating"
@@ -48,6 +51,7 @@ class Migrator:
         self.connection = connection
         self.settings = settings
         self.user = amqp.Broker.from_settings(settings).user
+        self.signer = retry.Signer(settings.signing_key)
         self.channel = self._fresh_channel()
 
     def _fresh_channel(self) -> Any:
@@ -94,7 +98,7 @@ class Migrator:
         for exchange, key in _bindings(queue):  # from now on what is published lands in the temporary queue
             self.channel.queue_bind(temporary, exchange, routing_key=key)
             self.channel.queue_unbind(queue.name, exchange, routing_key=key)
-        self._empty_into(queue.name, temporary)
+        self._empty_into(queue.name, temporary, consumed=queue.role in ("service", "unrouted"))
         # A channel that used the old queue keeps its queue-type state, and RabbitMQ 3.10 fails the connection
         # (INTERNAL_ERROR) when that channel publishes to a new queue of another type under the same name.
         self.channel.close()
@@ -116,30 +120,41 @@ class Migrator:
             raise
         return self._empty_into(temporary, queue.name)
 
-    def _empty_into(self, source: str, target: str) -> int:
-        """Move everything from `source` to `target`, then delete `source` once it is empty."""
+    def _empty_into(self, source: str, target: str, *, consumed: bool = False) -> int:
+        """Move everything from `source` to `target`, then delete `source` once it is empty. `consumed`: `source`
+        is a queue the service consumes (its messages are commands of clients)."""
         moved = 0
         for _ in range(MAX_ROUNDS):
-            moved += self._move(source, target)
+            moved += self._move(source, target, consumed)
             # (a quorum queue cannot be deleted `if_empty`: RabbitMQ closes the connection instead)
             if self.channel.queue_declare(source, passive=True).method.message_count == 0:
                 self.channel.queue_delete(source)
                 return moved
         raise RuntimeError(f"{source} keeps receiving messages; stop what publishes to it and run again")
 
-    def _move(self, source: str, target: str) -> int:
+    def _move(self, source: str, target: str, consumed: bool) -> int:
         moved = 0
         while True:
             method, properties, body = self.channel.basic_get(source, auto_ack=False)
             if method is None:
                 return moved
-            headers = dict(properties.headers or {})
-            if properties.user_id and properties.user_id != self.user:
-                headers.setdefault(H_ORIGINAL_USER_ID, properties.user_id)
-            copy = copy_properties(properties, headers, user_id=self.user if properties.user_id else None)
+            copy = self._copy(method, properties) if consumed else properties
             self.channel.basic_publish("", target, body, copy, mandatory=True)  # returns once confirmed
             self.channel.basic_ack(method.delivery_tag)
             moved += 1
+
+    def _copy(self, method: Any, properties: pika.BasicProperties) -> pika.BasicProperties:
+        """A client's command as a retry copy of ours (see the module doc); one of ours (already signed) as it is."""
+        headers = dict(properties.headers or {})
+        if retry.has_bookkeeping(headers):
+            return properties
+        signed = retry.retry_headers(kept_client_headers(headers), properties.message_id,
+                                     retry.History.fresh(dt.datetime.now(dt.UTC)), method.routing_key,
+                                     user_id=properties.user_id, code="MIGRATED",
+                                     error="moved by intygstjanst topology --migrate", signer=self.signer)
+        return pika.BasicProperties(content_type=properties.content_type, headers=signed, delivery_mode=2,
+                                    correlation_id=properties.correlation_id, reply_to=properties.reply_to,
+                                    message_id=properties.message_id, type=properties.type, user_id=self.user)
 
 
 def _bindings(queue: topology.DeclaredQueue) -> list[tuple[str, str]]:

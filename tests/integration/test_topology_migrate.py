@@ -9,6 +9,7 @@ import subprocess
 import pika
 import pytest
 
+from consumers import retry
 from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, UNROUTED
 from service import topology
 from service.settings import Settings
@@ -28,6 +29,9 @@ OLD_QUEUES = {  # name -> (arguments of the older version, bindings, messages pu
             [], 10),
     "recipient.FKASSA": ({}, [(EVENTS_EXCHANGE, "recipient.FKASSA.#")], 20),
 }
+# How the messages got there (delay queues receive retry copies straight, by name).
+PUBLISHED_TO = {"intyg.registration": (COMMANDS_EXCHANGE, "certificate.register"),
+                "recipient.FKASSA": (EVENTS_EXCHANGE, "recipient.FKASSA.certificate.sent")}
 
 
 def _channel(url: str):
@@ -48,8 +52,9 @@ def _install_old_version(url: str) -> dict[str, set[str]]:
         sent[name] = set()
         for n in range(count):
             message_id = f"{name}-{n}"
-            channel.basic_publish("", name, json.dumps({"n": n}).encode(), pika.BasicProperties(
-                message_id=message_id, delivery_mode=2, headers={"x-intyg-attempts": n},
+            exchange, key = PUBLISHED_TO.get(name, ("", name))
+            channel.basic_publish(exchange, key, json.dumps({"n": n}).encode(), pika.BasicProperties(
+                message_id=message_id, delivery_mode=2, headers={"n": n}, reply_to="client-replies",
                 user_id="guest" if n % 2 else None))
             sent[name].add(message_id)
     connection.close()
@@ -82,11 +87,19 @@ def test_migrate_rebuilds_an_old_topology_and_keeps_every_message(fresh_vhost):
     topology.declare_with(fresh_vhost, settings)  # no conflict left: every argument is the service's
     connection, channel = _channel(fresh_vhost)
     try:
+        signer = retry.Signer(settings.signing_key)
         for name, ids in sent.items():
             messages = _drain(channel, name)
             assert {p.message_id for p, _ in messages} == ids, name
-            assert all(p.headers["x-intyg-attempts"] == json.loads(b)["n"] for p, b in messages)
-            assert all(p.user_id in (None, "guest") for p, _ in messages)
+            assert all(p.reply_to == "client-replies" for p, _ in messages)
+            if name == "intyg.registration":  # back as the service's own retry copies, acting as their sender
+                for properties, body in messages:
+                    signed = signer.verified(properties.headers, properties.message_id)
+                    assert signed is not None and signed.routing_key == "certificate.register"
+                    assert signed.user_id == ("guest" if json.loads(body)["n"] % 2 else None)
+                    assert properties.user_id == "guest"  # the migrating (the service's) user
+            else:
+                assert all(p.headers["n"] == json.loads(b)["n"] for p, b in messages)
             with pytest.raises(pika.exceptions.ChannelClosedByBroker):  # the temporary queue is gone
                 connection.channel().queue_declare(name + ".migrating", passive=True)
         # the rebuilt bindings and the alternate exchange work
