@@ -25,7 +25,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 PG_BIN = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]) if Path("/usr/lib/postgresql").exists() \
@@ -58,6 +57,27 @@ def _kill_group(process: subprocess.Popen | None) -> None:
         process.wait(10)
 
 
+class _Started:
+    """`with X(...) as x:` starts `x` and always takes everything down again, also when starting fails half-way."""
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):  # noqa: ANN204 - the subclass
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # RabbitMQ
 # --------------------------------------------------------------------------------------------------------------
@@ -80,7 +100,7 @@ class RabbitNode:
         return f"amqps://guest:guest@{host}:{self.tls_port}/%2F"
 
 
-class RabbitCluster:
+class RabbitCluster(_Started):
     """`size` RabbitMQ nodes joined into one cluster. `tls` = (ca, cert, key) files adds an amqps listener."""
 
     def __init__(self, size: int = 3, *, tls: tuple[Path, Path, Path] | None = None, boot_timeout: float = 120.0):
@@ -97,26 +117,18 @@ class RabbitCluster:
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
-    def __enter__(self) -> RabbitCluster:
-        try:
-            for node in self.nodes:
-                self.start(node, wait=False)
-            for node in self.nodes:
-                self._wait_booted(node)
-            first = self.nodes[0]
-            for node in self.nodes[1:]:
-                self.ctl(node, "stop_app")
-                self.ctl(node, "join_cluster", first.name)
-                self.ctl(node, "start_app")
-            for node in self.nodes:
-                self._wait_booted(node)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _start(self) -> None:
+        for node in self.nodes:
+            self.start(node, wait=False)
+        for node in self.nodes:
+            self._wait_booted(node)
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            self.ctl(node, "stop_app")
+            self.ctl(node, "join_cluster", first.name)
+            self.ctl(node, "start_app")
+        for node in self.nodes:
+            self._wait_booted(node)
 
     def close(self) -> None:
         for node in self.nodes:
@@ -266,7 +278,7 @@ class PostgresServer:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
 
-class PostgresPair:
+class PostgresPair(_Started):
     """A primary and, with `standby`, a streaming standby made by `pg_basebackup -R`; `synchronous` makes every
     commit wait for the standby (`synchronous_standby_names`, `synchronous_commit = on`)."""
 
@@ -280,29 +292,21 @@ class PostgresPair:
         self.standby = PostgresServer(self.root, "standby") if standby else None
         self.synchronous = synchronous
 
-    def __enter__(self) -> PostgresPair:
-        try:
-            conf = {"wal_level": "replica", "max_wal_senders": "5", "hot_standby": "on"}
-            if self.synchronous and self.standby is not None:
-                conf |= {"synchronous_standby_names": "'*'", "synchronous_commit": "on"}
-            if self.ssl is not None:
-                conf |= self._ssl_conf()
-            self.primary.initdb(conf)
-            self.primary.start()
-            if self.standby is not None:
-                self.primary._run(str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary.port),
-                                  "-U", "postgres", "-D", str(self.standby.data), "-R", "-X", "stream")
-                # once promoted it has no standby of its own: it must not wait for one on every commit
-                self.standby.configure({"port": str(self.standby.port), "synchronous_standby_names": "''"})
-                self.standby.start()
-                self._wait_streaming()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _start(self) -> None:
+        conf = {"wal_level": "replica", "max_wal_senders": "5", "hot_standby": "on"}
+        if self.synchronous and self.standby is not None:
+            conf |= {"synchronous_standby_names": "'*'", "synchronous_commit": "on"}
+        if self.ssl is not None:
+            conf |= self._ssl_conf()
+        self.primary.initdb(conf)
+        self.primary.start()
+        if self.standby is not None:
+            self.primary._run(str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary.port),
+                              "-U", "postgres", "-D", str(self.standby.data), "-R", "-X", "stream")
+            # once promoted it has no standby of its own: it must not wait for one on every commit
+            self.standby.configure({"port": str(self.standby.port), "synchronous_standby_names": "''"})
+            self.standby.start()
+            self._wait_streaming()
 
     def close(self) -> None:
         for server in (self.standby, self.primary):

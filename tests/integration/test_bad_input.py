@@ -38,8 +38,17 @@ def test_the_service_refuses_a_malformed_list_at_once_with_a_configuration_error
     assert "configuration error: AMQP_URL entry 2 of 3 is empty" in said and SECRET not in said
 
 
-def _retries(service: ServiceProcess, what: str, attempts: int = 3, timeout: float = 60.0) -> list[str]:
-    """The service's warnings about `what`, once there are `attempts` of them (the process still running)."""
+def _retries(tmp_path, what: str, attempts: int = 3, timeout: float = 60.0, **settings: str) -> tuple[list[str], str]:
+    """Start the service with `settings`; its warnings about `what` once there are `attempts` of them (the process
+    still running), and its whole log. It must then stop cleanly on SIGTERM."""
+    service = ServiceProcess(service_env(RECONNECT_MAX_S=2, **settings), tmp_path / "service.log").start(ready=False)
+    try:
+        return _warnings(service, what, attempts, timeout), service.log_text()
+    finally:
+        assert service.terminate() == 0
+
+
+def _warnings(service: ServiceProcess, what: str, attempts: int, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     while True:
         lines = [line for line in service.log_text().splitlines() if what in line and "trying again" in line]
@@ -59,15 +68,10 @@ def _delays(lines: list[str]) -> list[float]:
 def test_no_reachable_node_is_retried_with_back_off_naming_each_node(tmp_path, database_url):
     dead = [free_port(), free_port()]
     url = ",".join(f"amqp://guest:{SECRET}@127.0.0.1:{port}/%2F" for port in dead)
-    service = ServiceProcess(service_env(AMQP_URL=url, DATABASE_URL=database_url, RECONNECT_MAX_S=2),
-                             tmp_path / "service.log").start(ready=False)
-    try:
-        lines = _retries(service, "broker topology")
-        assert all(f"amqp://127.0.0.1:{port}" in lines[-1] for port in dead)
-        assert SECRET not in service.log_text()
-        assert max(_delays(lines)) > min(_delays(lines[:1]))  # backing off, not spinning
-    finally:
-        assert service.terminate() == 0
+    lines, log = _retries(tmp_path, "broker topology", AMQP_URL=url, DATABASE_URL=database_url)
+    assert all(f"amqp://127.0.0.1:{port}" in lines[-1] for port in dead)
+    assert SECRET not in log
+    assert max(_delays(lines)) > min(_delays(lines[:1]))  # backing off, not spinning
 
 
 @pytest.mark.slow
@@ -76,24 +80,15 @@ def test_a_database_of_standbys_only_is_retried_naming_the_server(tmp_path, amqp
         assert pg.standby is not None
         url = (f"postgresql://postgres:{SECRET}@127.0.0.1:{pg.standby.port}/postgres"
                "?target_session_attrs=read-write")
-        service = ServiceProcess(service_env(AMQP_URL=amqp_url, DATABASE_URL=url, RECONNECT_MAX_S=2),
-                                 tmp_path / "service.log").start(ready=False)
-        try:
-            lines = _retries(service, "database migration")
-            assert f"port {pg.standby.port}" in lines[-1] and "session is read-only" in lines[-1]
-            assert SECRET not in service.log_text()
-        finally:
-            assert service.terminate() == 0
+        lines, log = _retries(tmp_path, "database migration", AMQP_URL=amqp_url, DATABASE_URL=url)
+        assert f"port {pg.standby.port}" in lines[-1] and "session is read-only" in lines[-1]
+        assert SECRET not in log
 
 
 def test_a_failing_tls_handshake_is_retried_naming_the_node(tmp_path, tls_node, pki, database_url):
     node = tls_node.nodes[0]
-    service = ServiceProcess(service_env(AMQP_URL=node.tls_url().replace("guest:guest", f"guest:{SECRET}"),
-                                         AMQP_CA_FILE=str(pki["stranger_ca"]), DATABASE_URL=database_url,
-                                         RECONNECT_MAX_S=2), tmp_path / "service.log").start(ready=False)
-    try:
-        lines = _retries(service, "broker topology")
-        assert f"amqps://localhost:{node.tls_port}" in lines[-1] and "CERTIFICATE_VERIFY_FAILED" in lines[-1]
-        assert SECRET not in service.log_text()
-    finally:
-        assert service.terminate() == 0
+    url = node.tls_url().replace("guest:guest", f"guest:{SECRET}")
+    lines, log = _retries(tmp_path, "broker topology", AMQP_URL=url, AMQP_CA_FILE=str(pki["stranger_ca"]),
+                          DATABASE_URL=database_url)
+    assert f"amqps://localhost:{node.tls_port}" in lines[-1] and "CERTIFICATE_VERIFY_FAILED" in lines[-1]
+    assert SECRET not in log
