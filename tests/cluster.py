@@ -6,8 +6,8 @@ tests that kill them (the machine's own RabbitMQ and PostgreSQL are never touche
         cluster.kill(node)                     # SIGKILL; cluster.start(node) brings it back into the cluster
 
     with PostgresPair(synchronous=True) as pg: # a primary and a streaming (synchronous) standby
-        pg.database_url                        # libpq multi-host form with target_session_attrs=read-write
-        pg.kill_primary(); pg.promote_standby()
+        pg.database_url()                      # libpq multi-host form with target_session_attrs=read-write
+        pg.primary.kill(); pg.standby.promote()
 
 Everything lives in a temporary directory and is stopped and removed on exit, also when the test fails. The nodes
 get their own Erlang cookie (a HOME of their own) so they cannot talk to the machine's own node.
