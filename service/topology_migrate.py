@@ -146,7 +146,7 @@ class Migrator:
     def _copy(self, method: Any, properties: pika.BasicProperties) -> pika.BasicProperties:
         """A client's command as a retry copy of ours (see the module doc); one of ours (already signed) as it is."""
         headers = dict(properties.headers or {})
-        if retry.has_bookkeeping(headers):
+        if self.signer.verified(headers, properties.message_id) is not None:
             return properties
         signed = retry.retry_headers(kept_client_headers(headers), properties.message_id,
                                      retry.History.fresh(dt.datetime.now(dt.UTC)), method.routing_key,
