@@ -14,10 +14,10 @@ import pika
 from contracts.topology import COMMANDS_EXCHANGE
 
 try:
-    from tests.e2e.common import CG, certificate
+    from tests.e2e.common import BY, CG, certificate
     from tests.e2e.harness import new_patient
 except ImportError:  # tests/ itself on sys.path
-    from e2e.common import CG, certificate
+    from e2e.common import BY, CG, certificate
     from e2e.harness import new_patient
 
 
@@ -95,7 +95,7 @@ def registrations(count: int) -> list[tuple[str, dict[str, Any]]]:
 def sends_to_fkassa(registered: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
     return [("certificate.send", {"certificate_id": body["certificate"]["id"],
                                   "patient_id": body["certificate"]["patient_id"], "recipient_id": "FKASSA",
-                                  "sent_by": "CARE", "care_giver_id": CG}) for _, body in registered]
+                                  "sent_by": "CARE", "care_giver_id": CG, **BY}) for _, body in registered]
 
 
 def check_answered_once(driver: Driver, ids: list[str], results: set[str]) -> int:
