@@ -1,0 +1,251 @@
+"""`intygstjanst serve`: the service as a small family of processes, so that it uses more than one core (one
+Python interpreter runs one thread at a time).
+
+The supervisor (this process) migrates the database and declares the topology once, then starts its children:
+one outbox relay and `CONSUMER_PROCESSES` consumer processes (the first consumes every queue; the others only
+the order-free intyg.registration and intyg.query, so that the ordered queues keep one consumer). The relay hears
+the consumers' commits through PostgreSQL NOTIFY (`publishers.wakeup`). It logs `service started` once every child
+has said it is ready.
+
+- A child that dies is started again after a capped, jittered back-off (logged). A child that keeps dying soon
+  after its start (`GIVE_UP_AFTER` times in a row) cannot be kept alive: everything stops, exit code 1.
+- SIGTERM/SIGINT: the consumers get SIGTERM first (they finish and acknowledge their batches and exit), then the
+  relay (it publishes what they committed and exits); exit code 0 when every child exited 0.
+- Children die with the supervisor, even when it is SIGKILLed: each child asks Linux for SIGTERM when its
+  parent dies (`prctl(PR_SET_PDEATHSIG)`). Children run in their own process group, so a terminal's Ctrl-C
+  reaches only the supervisor, which stops them in order.
+
+`serve --single-process` keeps everything in one process (threads), as `--no-relay` and `--relay-only` do.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from consumers.loop import ORDER_FREE_QUEUES, Backoff
+from contracts.topology import CONSUMED_QUEUES
+from service.logging import get_logger
+
+RELAY, CONSUMERS, ORDER_FREE = "relay", "consumers", "order-free"
+GIVE_UP_AFTER = 5  # deaths in a row, each within STABLE_S of its start
+STABLE_S = 30.0  # a child that lived this long counts as kept alive
+POLL_S = 0.2
+CONSUMERS_STOP_S = 35.0  # in-flight batches finish, then the connection closes
+RELAY_STOP_S = 15.0  # the relay flushes for at most 10 s (service.app)
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Child:
+    role: str
+    number: int
+    proc: subprocess.Popen[bytes] | None = None
+    ready_fd: int | None = None  # read end of the pipe the child writes one byte to when it is ready
+    started_at: float = 0.0
+    ready: bool = False
+    was_ready: bool = False
+    quick_deaths: int = 0
+    restart_at: float | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.number}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def roles(consumer_processes: int) -> list[str]:
+    return [RELAY, CONSUMERS, *[ORDER_FREE] * (max(1, consumer_processes) - 1)]
+
+
+class Supervisor:
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.log = get_logger("intygstjanst.supervisor")
+        self.children = [Child(role, n, backoff=Backoff(cap_s=settings.reconnect_max_s))
+                         for n, role in enumerate(roles(settings.consumer_processes), 1)]
+        self._stopping = False
+        self._announced = False
+        self._preparer: Any = None
+        # One log salt for the whole family, so that patient hashes correlate across its processes.
+        self._child_env = {**os.environ, "LOG_SALT": settings.log_salt or secrets.token_hex(16)}
+
+    # -- run ---------------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from service.app import Service, StartupAborted
+
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._preparer = Service(self.settings)
+            try:
+                self._preparer.prepare()
+            except StartupAborted:
+                return 0
+            if self._stopping:
+                return 0
+            for child in self.children:
+                self._spawn(child)
+            kept_alive = self._watch()
+            clean = self._stop_children()
+            self.log.info("service stopped", clean=clean)
+            return 0 if kept_alive and clean else 1
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.log.info("signal received; stopping", signal=signal.Signals(signum).name)
+        self._stopping = True
+        if self._preparer is not None:
+            self._preparer.request_stop()
+
+    def _spawn(self, child: Child) -> None:
+        read_fd, write_fd = os.pipe()
+        command = [sys.executable, "-m", "service.supervisor", "--role", child.role, "--ready-fd", str(write_fd),
+                   "--parent", str(os.getpid())]
+        try:
+            child.proc = subprocess.Popen(command, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                                          process_group=0, env=self._child_env)
+        finally:
+            os.close(write_fd)
+        child.ready_fd, child.started_at, child.ready, child.restart_at = read_fd, time.monotonic(), False, None
+        self.log.info("child started", child=child.name, pid=child.proc.pid)
+
+    def _watch(self) -> bool:
+        """Until a signal (True) or a child that cannot be kept alive (False)."""
+        while not self._stopping:
+            fds = [c.ready_fd for c in self.children if c.ready_fd is not None and not c.ready]
+            readable = select.select(fds, [], [], POLL_S)[0]
+            for child in self.children:
+                if child.ready_fd in readable:
+                    self._on_ready(child)
+            now = time.monotonic()
+            for child in self.children:
+                if child.proc is not None and not child.alive and not self._stopping:
+                    if not self._on_death(child, now):
+                        return False
+                if child.restart_at is not None and now >= child.restart_at and not self._stopping:
+                    self._spawn(child)
+        return True
+
+    def _on_ready(self, child: Child) -> None:
+        if os.read(child.ready_fd, 1):  # b"" is the child exiting before it was ready
+            child.ready = child.was_ready = True
+            self.log.info("child ready", child=child.name, pid=child.proc.pid)
+            if not self._announced and all(c.ready for c in self.children):
+                self._announced = True
+                self.log.info("service started", processes=[c.name for c in self.children],
+                              consumer_processes=self.settings.consumer_processes)
+        self._close_pipe(child)
+
+    def _on_death(self, child: Child, now: float) -> bool:
+        code = child.proc.returncode
+        lived = now - child.started_at
+        child.proc = None
+        self._close_pipe(child)
+        child.ready = False
+        if lived >= STABLE_S:
+            child.quick_deaths = 0
+            child.backoff.reset()
+        child.quick_deaths += 1
+        if child.quick_deaths >= GIVE_UP_AFTER:
+            self.log.error("child cannot be kept alive; stopping the service", child=child.name, exit_code=code,
+                           deaths=child.quick_deaths)
+            return False
+        delay = child.backoff.next()
+        child.restart_at = now + delay
+        self.log.error(f"child died; restarting it in {delay:.1f}s", child=child.name, exit_code=code,
+                       lived_s=round(lived, 1), deaths=child.quick_deaths)
+        return True
+
+    def _close_pipe(self, child: Child) -> None:
+        if child.ready_fd is not None:
+            os.close(child.ready_fd)
+            child.ready_fd = None
+
+    # -- stop --------------------------------------------------------------------------------------------------
+
+    def _stop_children(self) -> bool:
+        """Consumers first, then the relay (it publishes what they committed last). True if every child exited 0
+        on its SIGTERM."""
+        clean = True
+        for group, timeout in (([c for c in self.children if c.role != RELAY], CONSUMERS_STOP_S),
+                               ([c for c in self.children if c.role == RELAY], RELAY_STOP_S)):
+            running = [c for c in group if c.alive]
+            for child in running:
+                child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for child in running:
+                try:
+                    code = child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.log.error("child did not stop in time; killed", child=child.name)
+                    child.proc.kill()
+                    code = child.proc.wait()
+                if code != 0:
+                    self.log.error("child stopped with an error", child=child.name, exit_code=code)
+                    clean = False
+            for child in group:
+                self._close_pipe(child)
+        return clean
+
+
+# -- a child ---------------------------------------------------------------------------------------------------
+
+
+def _die_with(parent: int) -> None:
+    """SIGTERM this process when the supervisor dies, however it dies (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # it died before the prctl
+        raise SystemExit(0)
+
+
+def child_queues(role: str) -> Sequence[str]:
+    if role == ORDER_FREE:
+        return [q for q in CONSUMED_QUEUES if q in ORDER_FREE_QUEUES]
+    return CONSUMED_QUEUES
+
+
+def child_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.supervisor", description="a child of `serve`")
+    parser.add_argument("--role", choices=[RELAY, CONSUMERS, ORDER_FREE], required=True)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args(argv)
+    _die_with(args.parent)
+
+    from service.app import Service
+    from service.logging import configure
+    from service.settings import Settings
+
+    settings = Settings()
+    configure(settings.log_level, salt=settings.log_salt or None)
+
+    def ready() -> None:
+        os.write(args.ready_fd, b"1")
+        os.close(args.ready_fd)
+
+    relay = args.role == RELAY
+    service = Service(settings, consumers=not relay, relay=relay, queues=child_queues(args.role),
+                      migrate_db=False, declare_topology=False, ready_line=f"{args.role} process ready")
+    return service.run(on_ready=ready)
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())
