@@ -44,6 +44,7 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -130,6 +131,7 @@ class Run:
     done_at: float = 0.0
     timed_out: bool = False
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used during the run, by process group
+    peak_rss_mb: float = 0.0  # resident memory of the process(es) under test, summed, at its highest
 
     @property
     def elapsed(self) -> float:
@@ -137,6 +139,29 @@ class Run:
 
     def latencies_ms(self) -> list[float]:
         return sorted((self.replies[m] - self.sent_at[m]) * 1000 for m in self.replies if m in self.sent_at)
+
+
+def parents() -> dict[int, int]:
+    """Every process of the machine (that this one sees) -> its parent."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                found[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    return found
+
+
+def family(roots: set[int], parents: dict[int, int]) -> set[int]:
+    """`roots` and their descendants: the supervised serve's children (and theirs) are the service too."""
+    found = set(roots)
+    grew = True
+    while grew:
+        before = len(found)
+        found |= {pid for pid, parent in parents.items() if parent in found}
+        grew = len(found) > before
+    return found
 
 
 class CpuMeter:
@@ -165,12 +190,7 @@ class CpuMeter:
             fields = stat[stat.rindex(")") + 2:].split()
             stats[int(pid)] = (stat[stat.index("(") + 1: stat.rindex(")")], int(fields[1]),
                                (int(fields[11]) + int(fields[12])) / self.tick)
-        server = set(self.server_pids())
-        grew = True
-        while grew:  # the supervised serve: its children (and theirs) are the service too
-            before = len(server)
-            server |= {pid for pid, (_n, parent, _u) in stats.items() if parent in server}
-            grew = len(server) > before
+        server = family(self.server_pids(), {pid: parent for pid, (_n, parent, _u) in stats.items()})
         for pid, (name, _parent, used) in stats.items():
             if pid in server:
                 group = "server"
@@ -187,18 +207,28 @@ class CpuMeter:
 
     def begin(self) -> None:
         self.start = self.snapshot()
+        self.peak_rss_mb = 0.0
+        self._sampling = threading.Event()
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+
+    def _sample_rss(self) -> None:
+        """The resident memory of the process(es) under test, summed, every half second; keeps the peak."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._sampling.wait(0.5):
+            total = 0
+            for pid in family(self.server_pids(), parents()):
+                try:
+                    with open(f"/proc/{pid}/statm") as f:
+                        total += int(f.read().split()[1]) * page
+                except OSError:
+                    continue
+            self.peak_rss_mb = max(self.peak_rss_mb, total / 2**20)
 
     def end(self) -> dict[str, float]:
+        self._sampling.set()
         now = self.snapshot()
         # processes that ended during the run take their CPU with them: clamp at zero
         return {k: max(0.0, now[k] - self.start.get(k, 0.0)) for k in now}
-
-
-def measured(meter: CpuMeter, driver: Driver) -> Run:
-    meter.begin()
-    run = driver.go()
-    run.cpu = meter.end()
-    return run
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -214,7 +244,8 @@ class Driver:
 
     def __init__(self, amqp_url: str, *, exchange: str, routing_key: str, messages: Messages, count: int,
                  name: str, window: int = 1000, rate: float | None = None, events: bool = True,
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, on_confirmed: Callable[[], None] | None = None) -> None:
+        self.on_confirmed = on_confirmed  # called once every message is confirmed (the backlog is in the queue)
         self.amqp_url, self.exchange, self.routing_key = amqp_url, exchange, routing_key
         self.messages, self.count, self.window, self.rate = messages, count, window, rate
         self.want_events, self.timeout = events, timeout
@@ -320,6 +351,9 @@ class Driver:
                 self.run.confirmed += 1
             else:
                 self.run.nacked += 1
+        if self.on_confirmed is not None and self.run.confirmed + self.run.nacked >= self.count:
+            self.on_confirmed()
+            self.on_confirmed = None
         if self.rate is None:
             self._fill()
 
@@ -619,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-args", default="",
                         help="arguments of `serve`, e.g. --serve-args=--single-process (default: the supervised "
                              "processes)")
+    parser.add_argument("--backlog", type=int, default=0,
+                        help="at the end, with the service paused (SIGSTOP), queue this many registrations, let it "
+                             "go on (SIGCONT) and report its peak resident memory while it works them off")
     parser.add_argument("--external-service", action="store_true",
                         help="do not start the service: one already serves --vhost/--database (e.g. under a profiler)")
     parser.add_argument("--skip", action="append", default=[], choices=["a", "b", "c", "d", "e"],
@@ -707,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
                 meter.begin()
                 run = drive(target, f"{target.name} {round_}", count=args.registrations, window=args.window)
                 run.cpu = meter.end()
+                run.peak_rss_mb = meter.peak_rss_mb
                 results[target.key].append(run)
                 print(f"({target.key}) round {round_}: {args.registrations / run.elapsed:.0f}/s; {describe(run)}",
                       flush=True)
@@ -719,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"({key}) round {round_}: reply p99 {percentile(run.latencies_ms(), 99):.1f} ms; "
                       f"{describe(run)}", flush=True)
             loads.append(load())
+        service_target = next((t for t in targets if t.key == "a"), None)
+        if args.backlog and service_target is not None and not args.in_process:
+            results["backlog"] = [backlog(service_target, args, drive)]
     finally:
         for server in servers:
             server.stop()
@@ -738,6 +779,33 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(args, env, results, loads)
     return 0
+
+
+def backlog(target: Target, args: argparse.Namespace, drive: Callable[..., Run]) -> Run:
+    """The service paused while `--backlog` registrations pile up in its queue, then resumed: its peak resident
+    memory while it works them off (its prefetch, not the backlog, should bound it)."""
+    meter = CpuMeter(lambda: target.server.pids)
+    pids = family(target.server.pids, parents())
+
+    def signal_all(sig: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    signal_all(signal.SIGSTOP)
+    meter.begin()
+    try:
+        run = drive(target, "backlog", count=args.backlog, window=args.window,
+                    on_confirmed=lambda: signal_all(signal.SIGCONT), timeout=args.backlog / 20 + 300)
+    finally:
+        signal_all(signal.SIGCONT)
+    run.cpu = meter.end()
+    run.peak_rss_mb = meter.peak_rss_mb
+    print(f"(backlog) {args.backlog} registrations: peak resident memory {run.peak_rss_mb:.0f} MB; {describe(run)}",
+          flush=True)
+    return run
 
 
 def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str, list[Run]],
@@ -769,6 +837,7 @@ def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str
             per = {g: [r.cpu.get(g, 0) * 1000 / max(1, len(r.replies)) for r in results[key]]
                    for g in ("server", "broker", "postgres", "client")}
             row("    CPU ms per message of the process(es)", per["server"], "ms", 2)
+            row("    peak resident memory of the process(es)", [r.peak_rss_mb for r in results[key]], "MB")
             print(f"{'':4}median CPU ms per message: broker {median(per['broker']):.2f}, postgres "
                   f"{median(per['postgres']):.2f}, client {median(per['client']):.2f}; other processes "
                   f"{median([r.cpu.get('other', 0) / max(1e-9, r.elapsed) for r in results[key]]):.2f} cores")
@@ -779,6 +848,10 @@ def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str
             row("    reply p50", [percentile(r.latencies_ms(), 50) for r in results[key]], "ms", 1)
     for label, values in ratios.items():
         row(f"ratio {label}", values, "x", 2)
+    if results.get("backlog"):
+        run = results["backlog"][0]
+        print(f"{'backlog: ' + str(args.backlog) + ' registrations queued, then worked off':44}"
+              f"peak resident memory {run.peak_rss_mb:.0f} MB (≤ 250 MB: {'yes' if run.peak_rss_mb <= 250 else 'NO'})")
     for runs in results.values():
         for run in runs:
             if run.timed_out or run.nacked or len(run.replies) < run.sent:

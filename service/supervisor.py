@@ -1,7 +1,8 @@
 """`intygstjanst serve`: the service as a small family of processes, so that it uses more than one core (one
 Python interpreter runs one thread at a time).
 
-The supervisor (this process) migrates the database and declares the topology once, then starts its children:
+The supervisor (this process) has the database migrated and the topology declared once (by a short-lived child,
+so that the supervisor itself stays small), then starts its children:
 one outbox relay and `CONSUMER_PROCESSES` consumer processes (the first consumes every queue; the others only
 the order-free intyg.registration and intyg.query, so that the ordered queues keep one consumer). The relay hears
 the consumers' commits through PostgreSQL NOTIFY (`publishers.wakeup`). It logs `service started` once every child
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import random
 import secrets
 import select
 import signal
@@ -29,14 +31,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from consumers.loop import ORDER_FREE_QUEUES, Backoff
 from contracts.topology import CONSUMED_QUEUES
 from service.logging import get_logger
 
-RELAY, CONSUMERS, ORDER_FREE = "relay", "consumers", "order-free"
+# The supervisor imports little (no pika, SQLAlchemy, Alembic): it holds no connection and its resident memory
+# counts against the service's. The migration and the topology run in a short-lived child (PREPARE).
+PREPARE, RELAY, CONSUMERS, ORDER_FREE = "prepare", "relay", "consumers", "order-free"
 GIVE_UP_AFTER = 5  # deaths in a row, each within STABLE_S of its start
 STABLE_S = 30.0  # a child that lived this long counts as kept alive
 POLL_S = 0.2
@@ -56,7 +59,12 @@ class Child:
     was_ready: bool = False
     quick_deaths: int = 0
     restart_at: float | None = None
-    backoff: Backoff = field(default_factory=Backoff)
+    backoff_cap_s: float = 30.0
+
+    def next_delay(self) -> float:
+        """Capped exponential back-off, jittered (between half and all of it), by deaths in a row."""
+        nominal = min(self.backoff_cap_s, 0.5 * 2 ** (self.quick_deaths - 1))
+        return random.uniform(nominal / 2, nominal)
 
     @property
     def name(self) -> str:
@@ -75,28 +83,23 @@ class Supervisor:
     def __init__(self, settings: Any) -> None:
         self.settings = settings
         self.log = get_logger("intygstjanst.supervisor")
-        self.children = [Child(role, n, backoff=Backoff(cap_s=settings.reconnect_max_s))
+        self.children = [Child(role, n, backoff_cap_s=settings.reconnect_max_s)
                          for n, role in enumerate(roles(settings.consumer_processes), 1)]
         self._stopping = False
         self._announced = False
-        self._preparer: Any = None
         # One log salt for the whole family, so that patient hashes correlate across its processes.
         self._child_env = {**os.environ, "LOG_SALT": settings.log_salt or secrets.token_hex(16)}
 
     # -- run ---------------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        from service.app import Service, StartupAborted
-
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self._preparer = Service(self.settings)
-            try:
-                self._preparer.prepare()
-            except StartupAborted:
-                return 0
+            prepared = self._prepare()
             if self._stopping:
                 return 0
+            if not prepared:
+                return 1
             for child in self.children:
                 self._spawn(child)
             kept_alive = self._watch()
@@ -110,8 +113,23 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.log.info("signal received; stopping", signal=signal.Signals(signum).name)
         self._stopping = True
-        if self._preparer is not None:
-            self._preparer.request_stop()
+
+    def _prepare(self) -> bool:
+        """Migrate and declare the topology in a child (it waits for a database or broker that is not up yet)."""
+        child = Child(PREPARE, 0)
+        self._spawn(child)
+        while child.proc.poll() is None:
+            if self._stopping:
+                child.proc.send_signal(signal.SIGTERM)
+                child.proc.wait()
+                break
+            time.sleep(POLL_S)
+        self._close_pipe(child)
+        if child.proc.returncode != 0 and not self._stopping:
+            self.log.error("could not migrate the database or declare the topology; stopping",
+                           exit_code=child.proc.returncode)
+            return False
+        return True
 
     def _spawn(self, child: Child) -> None:
         read_fd, write_fd = os.pipe()
@@ -160,13 +178,12 @@ class Supervisor:
         child.ready = False
         if lived >= STABLE_S:
             child.quick_deaths = 0
-            child.backoff.reset()
         child.quick_deaths += 1
         if child.quick_deaths >= GIVE_UP_AFTER:
             self.log.error("child cannot be kept alive; stopping the service", child=child.name, exit_code=code,
                            deaths=child.quick_deaths)
             return False
-        delay = child.backoff.next()
+        delay = child.next_delay()
         child.restart_at = now + delay
         self.log.error(f"child died; restarting it in {delay:.1f}s", child=child.name, exit_code=code,
                        lived_s=round(lived, 1), deaths=child.quick_deaths)
@@ -217,6 +234,8 @@ def _die_with(parent: int) -> None:
 
 
 def child_queues(role: str) -> Sequence[str]:
+    from consumers.loop import ORDER_FREE_QUEUES
+
     if role == ORDER_FREE:
         return [q for q in CONSUMED_QUEUES if q in ORDER_FREE_QUEUES]
     return CONSUMED_QUEUES
@@ -224,18 +243,27 @@ def child_queues(role: str) -> Sequence[str]:
 
 def child_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.supervisor", description="a child of `serve`")
-    parser.add_argument("--role", choices=[RELAY, CONSUMERS, ORDER_FREE], required=True)
+    parser.add_argument("--role", choices=[PREPARE, RELAY, CONSUMERS, ORDER_FREE], required=True)
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
     args = parser.parse_args(argv)
     _die_with(args.parent)
 
-    from service.app import Service
+    from service.app import Service, StartupAborted
     from service.logging import configure
     from service.settings import Settings
 
     settings = Settings()
     configure(settings.log_level, salt=settings.log_salt or None)
+    if args.role == PREPARE:
+        preparer = Service(settings)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: preparer.request_stop())
+        try:
+            preparer.prepare()
+        except StartupAborted:
+            pass
+        return 0
 
     def ready() -> None:
         os.write(args.ready_fd, b"1")
