@@ -56,7 +56,6 @@ class Child:
     ready_fd: int | None = None  # read end of the pipe the child writes one byte to when it is ready
     started_at: float = 0.0
     ready: bool = False
-    was_ready: bool = False
     quick_deaths: int = 0
     restart_at: float | None = None
     backoff_cap_s: float = 30.0
@@ -162,7 +161,7 @@ class Supervisor:
 
     def _on_ready(self, child: Child) -> None:
         if os.read(child.ready_fd, 1):  # b"" is the child exiting before it was ready
-            child.ready = child.was_ready = True
+            child.ready = True
             self.log.info("child ready", child=child.name, pid=child.proc.pid)
             if not self._announced and all(c.ready for c in self.children):
                 self._announced = True
