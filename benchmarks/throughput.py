@@ -850,8 +850,8 @@ def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str
         row(f"ratio {label}", values, "x", 2)
     if results.get("backlog"):
         run = results["backlog"][0]
-        print(f"{'backlog: ' + str(args.backlog) + ' registrations queued, then worked off':44}"
-              f"peak resident memory {run.peak_rss_mb:.0f} MB (≤ 250 MB: {'yes' if run.peak_rss_mb <= 250 else 'NO'})")
+        print(f"backlog: {args.backlog} registrations queued, then worked off: peak resident memory "
+              f"{run.peak_rss_mb:.0f} MB (≤ 250 MB: {'yes' if run.peak_rss_mb <= 250 else 'NO'})")
     for runs in results.values():
         for run in runs:
             if run.timed_out or run.nacked or len(run.replies) < run.sent:
