@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from contracts.topology import CONSUMED_QUEUES
+from service.family_probes import FamilyProbes, free_port, port_free
 from service.logging import get_logger
 
 # The supervisor imports little (no pika, SQLAlchemy, Alembic): it holds no connection and its resident memory
@@ -59,6 +60,7 @@ class Child:
     quick_deaths: int = 0
     restart_at: float | None = None
     backoff_cap_s: float = 30.0
+    metrics_port: int = 0  # its private `service.probes` port (0: none), which the family's port answers from
 
     def next_delay(self) -> float:
         """Capped exponential back-off, jittered (between half and all of it), by deaths in a row."""
@@ -86,6 +88,7 @@ class Supervisor:
                          for n, role in enumerate(roles(settings.consumer_processes), 1)]
         self._stopping = False
         self._announced = False
+        self._probes: Any = None
         # One log salt for the whole family, so that patient hashes correlate across its processes.
         self._child_env = {**os.environ, "LOG_SALT": settings.log_salt or secrets.token_hex(16)}
 
@@ -93,19 +96,32 @@ class Supervisor:
 
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        port = self.settings.metrics_port
+        if port and (busy := port_free(port)) is not None:
+            self._no_endpoints(port, busy)
+            port = 0
         try:
-            prepared = self._prepare()
+            prepared = self._prepare(port)
             if self._stopping:
                 return 0
             if not prepared:
                 return 1
+            if port:
+                self._probes = FamilyProbes(port, lambda: [(c.name, c.metrics_port if c.alive else None)
+                                                           for c in self.children])
+                if (busy := self._probes.start()) is not None:
+                    self._no_endpoints(port, busy)
+                    self._probes = None
             for child in self.children:
+                child.metrics_port = free_port() if self._probes is not None else 0
                 self._spawn(child)
             kept_alive = self._watch()
             clean = self._stop_children()
             self.log.info("service stopped", clean=clean)
             return 0 if kept_alive and clean else 1
         finally:
+            if self._probes is not None:
+                self._probes.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -113,9 +129,14 @@ class Supervisor:
         self.log.info("signal received; stopping", signal=signal.Signals(signum).name)
         self._stopping = True
 
-    def _prepare(self) -> bool:
-        """Migrate and declare the topology in a child (it waits for a database or broker that is not up yet)."""
-        child = Child(PREPARE, 0)
+    def _no_endpoints(self, port: int, why: OSError) -> None:
+        self.log.warning(f"metrics and health endpoints off: cannot listen on port {port} "
+                         f"({why.strerror or why}); the service runs on without them", port=port)
+
+    def _prepare(self, port: int) -> bool:
+        """Migrate and declare the topology in a child (it waits for a database or broker that is not up yet, and
+        meanwhile answers the probes on the family's port: alive, not ready)."""
+        child = Child(PREPARE, 0, metrics_port=port)
         self._spawn(child)
         while child.proc.poll() is None:
             if self._stopping:
@@ -135,8 +156,8 @@ class Supervisor:
         command = [sys.executable, "-m", "service.supervisor", "--role", child.role, "--ready-fd", str(write_fd),
                    "--parent", str(os.getpid())]
         try:
-            child.proc = subprocess.Popen(command, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-                                          process_group=0, env=self._child_env)
+            child.proc = subprocess.Popen(command, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, process_group=0,
+                                          env={**self._child_env, "METRICS_PORT": str(child.metrics_port)})
         finally:
             os.close(write_fd)
         child.ready_fd, child.started_at, child.ready, child.restart_at = read_fd, time.monotonic(), False, None
@@ -258,10 +279,14 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         preparer = Service(settings)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: preparer.request_stop())
+        preparer.start_probes()
         try:
             preparer.prepare()
         except StartupAborted:
             pass
+        finally:
+            if preparer.probes is not None:
+                preparer.probes.stop()
         return 0
 
     def ready() -> None:
