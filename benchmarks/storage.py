@@ -322,7 +322,7 @@ def load_access_log(conn: psycopg.Connection, entries: int, seed: int) -> None:
                        (ARRAY['READ', 'LIST', 'LIST', 'LIST', 'REVOKE', 'REMOVE_CARE_COPY', 'SEND'])[1 + (s.g %% 7)],
                        c.type, c.patient_id, c.care_giver_id,
                        'SE2321000016-P' || lpad((s.g %% 5000)::text, 6, '0'), 'Ajla Doktor', c.care_unit_id
-                FROM (SELECT g, 1 + floor(random() * %s)::bigint AS pick FROM generate_series(%s, %s) AS g) s
+                FROM (SELECT g, 1 + floor(random() * %s)::bigint AS pick FROM generate_series(%s::bigint, %s::bigint) AS g) s
                 JOIN bench_log_certificates c ON c.n = s.pick""",
                         (total, done + 1, done + step))
             done += step
@@ -660,7 +660,8 @@ def measure_size(args: argparse.Namespace, server, n_certificates: int, *, regis
                 entries = _count(conn, "access_log")
                 size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('access_log'))").fetchone()[0]
                 logged = [r[0] for r in conn.execute("SELECT DISTINCT patient_id FROM access_log "
-                                                     "TABLESAMPLE SYSTEM (1) LIMIT 50000")]
+                                                     "TABLESAMPLE SYSTEM (1) LIMIT 50000")] or [
+                    r[0] for r in conn.execute("SELECT DISTINCT patient_id FROM access_log LIMIT 50000")]
             print(f"access log: {entries:,} entries, {size} with indexes; load average {_load()}")
             results.update(measure_access_log_list(engine, policy, logged, args.calls, args.warmup, args.seed))
             print_log_cost(measure_log_cost(engine, policy, rows, max(500, args.calls // 5), args.batch,
