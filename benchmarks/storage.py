@@ -1,19 +1,21 @@
 """Storage benchmark: query latency and registration throughput through the handlers, on a realistic volume.
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres python benchmarks/storage.py
-    python benchmarks/storage.py --reuse              # measure again on the database loaded before
-    python benchmarks/storage.py --certificates 20000 --patients 4000 --database intyg_bench_small
+    python benchmarks/storage.py --reuse              # measure again on the databases loaded before
+    python benchmarks/storage.py --huge               # 100,000, 1,000,000 and 10,000,000 (not in CI)
+    python benchmarks/storage.py --certificates 20000 --skip-registrations
 
-What it does:
-1. creates the database (`--database`, default `intyg_bench`) next to DATABASE_URL and migrates it;
-2. loads N certificates (documents about 1 KB) for P patients with COPY: mixed types, each patient's
+For every size N of `--certificates` (default 100,000 and 1,000,000; `--huge` adds 10,000,000), in a database of
+its own (`intyg_bench_<N>`), and at the end the query p99s of all sizes side by side:
+1. creates the database next to DATABASE_URL and migrates it;
+2. loads N certificates (documents about 1 KB) for N/5 patients with COPY: mixed types, each patient's
    certificates from 2-3 of the care givers, some archived, sent or revoked, some without a care copy, consent
    for most patients (indexes and keys are dropped during the load and rebuilt after, exactly as migrated);
 3. VACUUM ANALYZE;
 4. certificate.list, certificate.get and certificate.list-for-care, each `--calls` times for random patients /
    certificates after a warm-up, every call as the service runs it: `pipeline.parse` + `pipeline.process` in a
    `SqlUnitOfWork` of its own (read-only: rolled back) + the reply serialised to JSON;
-5. `--registrations` new certificates through the register handler, (a) one message per transaction,
+5. (at the largest size) `--registrations` new certificates through the register handler, (a) one message per transaction,
    (b) `--batch` messages per transaction with a savepoint each and (c) the same without savepoints (the message
    loop tries (c) first and falls back to (b) when a message of the batch fails; both with its warm-up query when
    the unit of work has one); the certificates registered here are deleted afterwards, so `--reuse` measures the
@@ -320,7 +322,7 @@ def load_access_log(conn: psycopg.Connection, entries: int, seed: int) -> None:
                        (ARRAY['READ', 'LIST', 'LIST', 'LIST', 'REVOKE', 'REMOVE_CARE_COPY', 'SEND'])[1 + (s.g %% 7)],
                        c.type, c.patient_id, c.care_giver_id,
                        'SE2321000016-P' || lpad((s.g %% 5000)::text, 6, '0'), 'Ajla Doktor', c.care_unit_id
-                FROM (SELECT g, 1 + floor(random() * %s)::bigint AS pick FROM generate_series(%s, %s) AS g) s
+                FROM (SELECT g, 1 + floor(random() * %s)::bigint AS pick FROM generate_series(%s::bigint, %s::bigint) AS g) s
                 JOIN bench_log_certificates c ON c.n = s.pick""",
                         (total, done + 1, done + step))
             done += step
@@ -519,19 +521,27 @@ def print_registrations(rows: list[tuple[str, int, float, list[float], int]]) ->
               f"{ms(pct(timings, 99)):>9}{ms(max(timings)):>9}  {per} message{'s' if per > 1 else ''}")
 
 
+HUGE = 10_000_000  # only with --huge: loading it takes long and needs several GB
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL",
                                                                  "postgresql://postgres@127.0.0.1:5432/postgres"),
                         help="a server where the benchmark may CREATE DATABASE (from $DATABASE_URL when set)")
-    parser.add_argument("--database", default="intyg_bench", help="database to create, load and measure")
-    parser.add_argument("--certificates", type=int, default=1_000_000)
-    parser.add_argument("--patients", type=int, default=200_000)
+    parser.add_argument("--database", default="intyg_bench",
+                        help="database to create, load and measure (one per size: <name>_<N>)")
+    parser.add_argument("--certificates", type=int, nargs="+", default=[100_000, 1_000_000],
+                        help="sizes to measure, each in a database of its own; the query p99s side by side")
+    parser.add_argument("--huge", action="store_true", help=f"also {HUGE:,} certificates (not in CI)")
+    parser.add_argument("--patients-per-certificate", type=float, default=0.2,
+                        help="patients = certificates x this")
     parser.add_argument("--reuse", action="store_true", help="measure on the data already loaded (load if empty)")
     parser.add_argument("--calls", type=int, default=5000, help="measured calls per query")
     parser.add_argument("--warmup", type=int, default=500, help="unmeasured calls per query first")
-    parser.add_argument("--registrations", type=int, default=20_000, help="certificates registered per mode")
+    parser.add_argument("--registrations", type=int, default=20_000,
+                        help="certificates registered per mode (at the largest size only)")
     parser.add_argument("--batch", type=int, default=100, help="messages per transaction in the batched mode")
     parser.add_argument("--target-ms", type=float, default=5.0, help="p99 target per query")
     parser.add_argument("--seed", type=int, default=20261125)
@@ -542,29 +552,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-access-log", action="store_true")
     args = parser.parse_args(argv)
 
+    sizes = sorted(set(args.certificates) | ({HUGE} if args.huge else set()))
     server = make_url(args.database_url).set(drivername="postgresql")
-    server_dsn = server.render_as_string(hide_password=False)
-    url = server.set(database=args.database).render_as_string(hide_password=False)
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (args.database,)).fetchone()
-        if not exists:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(args.database)))
+    with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True) as admin:
         version = admin.execute("SHOW server_version").fetchone()[0]
+    print(f"PostgreSQL {version}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, sizes "
+          f"{', '.join(f'{n:,}' for n in sizes)}")
+    by_size: dict[int, dict] = {}
+    good = True
+    for n in sizes:
+        print(f"\n=== {n:,} certificates ===")
+        results = measure_size(args, server, n, registrations=not args.skip_registrations and n == sizes[-1],
+                               access_log=not args.skip_access_log and n == sizes[-1])
+        if results is None:
+            return 1
+        by_size[n] = results
+        good &= print_queries(results, args.target_ms)
+    if len(by_size) > 1:
+        print_side_by_side(by_size, args.target_ms)
+    print(f"load average at the end: {_load()}")
+    return 0 if good else 2
+
+
+def print_side_by_side(by_size: dict[int, dict], target_ms: float) -> None:
+    sizes = sorted(by_size)
+    print(f"\nquery p99 (ms) by number of certificates, target <= {target_ms:g} ms")
+    print(f"{'query':<34}" + "".join(f"{n:>14,}" for n in sizes))
+    for kind in by_size[sizes[0]]:
+        print(f"{kind:<34}" + "".join(f"{ms(pct(by_size[n][kind][0], 99)):>14}" for n in sizes))
+
+
+def measure_size(args: argparse.Namespace, server, n_certificates: int, *, registrations: bool,
+                 access_log: bool) -> dict | None:
+    """Load (or reuse) a database of `n_certificates` and measure the queries (and the registrations, and the
+    access log); returns the query timings by kind."""
+    database = f"{args.database}_{n_certificates}"
+    n_patients = max(1, int(n_certificates * args.patients_per_certificate))
+    url = server.set(database=database).render_as_string(hide_password=False)
+    with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True) as admin:
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if not exists:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
     migrate.upgrade(url)
-    print(f"PostgreSQL {version}, database {args.database}, Python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} CPUs")
 
     with psycopg.connect(url) as conn:
         present = _count(conn, "certificates")
         if args.reuse and present:
             remove_registered(conn)
-            print(f"reusing the loaded data ({present:,} certificates)")
+            print(f"reusing the loaded data of {database} ({present:,} certificates)")
         else:
-            print(f"loading {args.certificates:,} certificates for {args.patients:,} patients ...", flush=True)
+            print(f"loading {n_certificates:,} certificates for {n_patients:,} patients into {database} ...",
+                  flush=True)
             started = time.perf_counter()
-            stats = load(conn, args.certificates, args.patients, args.seed)
+            stats = load(conn, n_certificates, n_patients, args.seed)
             loaded = time.perf_counter() - started
-            print(f"loaded in {loaded:.1f} s ({args.certificates / loaded:,.0f} certificates/s): "
+            print(f"loaded in {loaded:.1f} s ({n_certificates / loaded:,.0f} certificates/s): "
                   f"{stats['statuses']:,} statuses, {stats['archived']:,} archived, {stats['sent']:,} sent, "
                   f"{stats['revoked']:,} revoked, {stats['citizen_only']:,} without care copy")
             conn.autocommit = True
@@ -580,16 +622,15 @@ def main(argv: list[str] | None = None) -> int:
         consented = [r[0] for r in conn.execute("SELECT patient_id FROM consents WHERE given LIMIT 50000")]
     if not rows:
         print("no certificates to measure", file=sys.stderr)
-        return 1
+        return None
 
     settings = Settings(database_url=url)
     policy = Policy(catalogue=settings.catalogue, max_body_bytes=settings.max_body_bytes)
     engine = make_engine(url)  # the service's own engine settings (pool, pre-ping, timeouts)
     try:
         print(f"load average before the queries: {_load()}")
-        good = print_queries(measure_queries(engine, policy, rows, args.calls, args.warmup, args.seed),
-                             args.target_ms)
-        if not args.skip_registrations:
+        results = measure_queries(engine, policy, rows, args.calls, args.warmup, args.seed)
+        if registrations:
             rng = random.Random(args.seed + 1)
             run = uuid.uuid4().hex[:8]
             one = registration_envelopes(args.registrations, consented, run + "a", rng)
@@ -608,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                   "first try, without savepoints)")
             with psycopg.connect(url) as conn:
                 remove_registered(conn)
-        if not args.skip_access_log:
+        if access_log:
             with psycopg.connect(url) as conn:
                 present = _count(conn, "access_log")
                 if not (args.reuse and present >= args.access_log_entries):
@@ -619,16 +660,15 @@ def main(argv: list[str] | None = None) -> int:
                 entries = _count(conn, "access_log")
                 size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('access_log'))").fetchone()[0]
                 logged = [r[0] for r in conn.execute("SELECT DISTINCT patient_id FROM access_log "
-                                                     "TABLESAMPLE SYSTEM (1) LIMIT 50000")]
+                                                     "TABLESAMPLE SYSTEM (1) LIMIT 50000")] or [
+                    r[0] for r in conn.execute("SELECT DISTINCT patient_id FROM access_log LIMIT 50000")]
             print(f"access log: {entries:,} entries, {size} with indexes; load average {_load()}")
-            good &= print_queries(measure_access_log_list(engine, policy, logged, args.calls, args.warmup,
-                                                          args.seed), args.target_ms)
+            results.update(measure_access_log_list(engine, policy, logged, args.calls, args.warmup, args.seed))
             print_log_cost(measure_log_cost(engine, policy, rows, max(500, args.calls // 5), args.batch,
                                             args.access_log_runs, args.seed))
-        print(f"load average at the end: {_load()}")
     finally:
         engine.dispose()
-    return 0 if good else 2
+    return results
 
 
 if __name__ == "__main__":

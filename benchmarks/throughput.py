@@ -9,22 +9,25 @@ at a steady offered load, and a bare per-message reference loop on the same brok
 What it does:
 1. creates a vhost `intyg-bench-<hex>` (rabbitmqctl) and a database `intyg_bench_<hex>` next to AMQP_URL /
    DATABASE_URL (or uses `--vhost` / `--database`), migrates it, and removes both afterwards unless `--keep`;
-2. starts the real service, by default as a separate process (`python -m service.cli serve`, like production;
-   its log goes to a file), and waits until it consumes;
-3. (a) throughput: publishes `-n` registrations (documents of `--document-kb` KB, distinct ids and patients)
-   to `intyg.commands` through a publisher-confirm window of `--window` messages, with `reply_to` an exclusive
-   queue, and an exclusive queue bound to `intyg.events` for `certificate.registered`; the rate is N divided by
-   the time from the first publish until every reply AND every event has arrived (after an untimed warm-up);
-4. (b) latency: offers a steady `--rate` msg/s for `--duration` s and reports reply latency percentiles;
-5. stops the service, then (c) runs a BARE reference as a separate process: a minimal pika loop (consume with
-   manual ack and the same prefetch, one INSERT per message in autocommit, publish the reply, ack) on a quorum
-   queue of the same broker and database, fed the same kind of messages the same way; prints the ratio;
-6. (d) the bare loop's reply latency at the same steady rate: what broker and database alone cost.
-For (a) and (c) it also prints the CPU time per message of the process under test, the broker, PostgreSQL and
-this client, and how busy every other process of the machine was (a busy neighbour skews every figure).
+2. starts, side by side, each in processes of its own: the real service (`python -m service.cli serve`, the
+   supervised relay and consumer processes, like production; `--serve-args=--single-process` for one process),
+   the BARE reference loop (consume with manual ack and the same prefetch, one INSERT per message in autocommit,
+   publish the reply, ack) and (e) a PIPELINED loop with no database at all (consume, publish the reply with
+   confirms without waiting, ack in batches as confirms arrive: the ceiling of any Python service on this broker);
+3. after an untimed warm-up of each, runs `--rounds` rounds (3); each round, alternating:
+   (a) the service, (c) the bare loop, (e) the pipelined loop: `-n` registrations (documents of `--document-kb`
+   KB, distinct ids and patients) through a publisher-confirm window of `--window` messages, with `reply_to` an
+   exclusive queue (and, for the service, an exclusive queue bound to `intyg.events` for
+   `certificate.registered`); the rate is N divided by the time from the first publish until every reply (AND
+   every event) has arrived; then (b) the service's and (d) the bare loop's reply latency at a steady `--rate`
+   msg/s for `--duration` s;
+4. prints every figure round by round and the median, and the ratios of each round (measured side by side, so
+   that a load that comes and goes hits both alike) with their median.
+For (a), (c), (e) it also prints the CPU time per message of the processes under test (the service: the
+supervisor and its children), the broker, PostgreSQL and this client, and how busy every other process of the
+machine was, and the load average before and after each round (a busy neighbour skews every figure).
 It prints figures; it is not a test.
 
-    python benchmarks/throughput.py --split-relay          # consumers and relay as two processes (README)
     git worktree add /tmp/before <commit>                  # the same benchmark against an older service
     python benchmarks/throughput.py --service-root /tmp/before
 """
@@ -36,10 +39,12 @@ import json
 import os
 import random
 import signal
+import statistics
 import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -63,6 +68,7 @@ COMMANDS_EXCHANGE = "intyg.commands"
 EVENTS_EXCHANGE = "intyg.events"
 REGISTRATION_QUEUE = "intyg.registration"
 BARE_QUEUE = "bench.bare"
+PIPELINED_QUEUE = "bench.pipelined"
 BARE_TABLE = "bench_bare_registrations"
 
 
@@ -125,6 +131,7 @@ class Run:
     done_at: float = 0.0
     timed_out: bool = False
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used during the run, by process group
+    peak_rss_mb: float = 0.0  # resident memory of the process(es) under test, summed, at its highest
 
     @property
     def elapsed(self) -> float:
@@ -132,6 +139,29 @@ class Run:
 
     def latencies_ms(self) -> list[float]:
         return sorted((self.replies[m] - self.sent_at[m]) * 1000 for m in self.replies if m in self.sent_at)
+
+
+def parents() -> dict[int, int]:
+    """Every process of the machine (that this one sees) -> its parent."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                found[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    return found
+
+
+def family(roots: set[int], parents: dict[int, int]) -> set[int]:
+    """`roots` and their descendants: the supervised serve's children (and theirs) are the service too."""
+    found = set(roots)
+    grew = True
+    while grew:
+        before = len(found)
+        found |= {pid for pid, parent in parents.items() if parent in found}
+        grew = len(found) > before
+    return found
 
 
 class CpuMeter:
@@ -148,7 +178,7 @@ class CpuMeter:
         totals = {"server": 0.0, "broker": 0.0, "postgres": 0.0, "client": 0.0, "other": 0.0}
         if not os.path.isdir("/proc"):
             return totals
-        server = self.server_pids()
+        stats: dict[int, tuple[str, int, float]] = {}  # pid -> (name, parent, CPU seconds)
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
@@ -157,12 +187,14 @@ class CpuMeter:
                     stat = f.read()
             except OSError:
                 continue
-            name = stat[stat.index("(") + 1: stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2:].split()
-            used = (int(fields[11]) + int(fields[12])) / self.tick
-            if int(pid) in server:
+            stats[int(pid)] = (stat[stat.index("(") + 1: stat.rindex(")")], int(fields[1]),
+                               (int(fields[11]) + int(fields[12])) / self.tick)
+        server = family(self.server_pids(), {pid: parent for pid, (_n, parent, _u) in stats.items()})
+        for pid, (name, _parent, used) in stats.items():
+            if pid in server:
                 group = "server"
-            elif int(pid) == os.getpid():
+            elif pid == os.getpid():
                 group = "client"
             elif name == "beam.smp":
                 group = "broker"
@@ -175,18 +207,28 @@ class CpuMeter:
 
     def begin(self) -> None:
         self.start = self.snapshot()
+        self.peak_rss_mb = 0.0
+        self._sampling = threading.Event()
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+
+    def _sample_rss(self) -> None:
+        """The resident memory of the process(es) under test, summed, every half second; keeps the peak."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._sampling.wait(0.5):
+            total = 0
+            for pid in family(self.server_pids(), parents()):
+                try:
+                    with open(f"/proc/{pid}/statm") as f:
+                        total += int(f.read().split()[1]) * page
+                except OSError:
+                    continue
+            self.peak_rss_mb = max(self.peak_rss_mb, total / 2**20)
 
     def end(self) -> dict[str, float]:
+        self._sampling.set()
         now = self.snapshot()
         # processes that ended during the run take their CPU with them: clamp at zero
         return {k: max(0.0, now[k] - self.start.get(k, 0.0)) for k in now}
-
-
-def measured(meter: CpuMeter, driver: Driver) -> Run:
-    meter.begin()
-    run = driver.go()
-    run.cpu = meter.end()
-    return run
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -202,7 +244,8 @@ class Driver:
 
     def __init__(self, amqp_url: str, *, exchange: str, routing_key: str, messages: Messages, count: int,
                  name: str, window: int = 1000, rate: float | None = None, events: bool = True,
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, on_confirmed: Callable[[], None] | None = None) -> None:
+        self.on_confirmed = on_confirmed  # called once every message is confirmed (the backlog is in the queue)
         self.amqp_url, self.exchange, self.routing_key = amqp_url, exchange, routing_key
         self.messages, self.count, self.window, self.rate = messages, count, window, rate
         self.want_events, self.timeout = events, timeout
@@ -308,6 +351,9 @@ class Driver:
                 self.run.confirmed += 1
             else:
                 self.run.nacked += 1
+        if self.on_confirmed is not None and self.run.confirmed + self.run.nacked >= self.count:
+            self.on_confirmed()
+            self.on_confirmed = None
         if self.rate is None:
             self._fill()
 
@@ -372,6 +418,43 @@ def bare_worker(amqp_url: str, database_url: str, prefetch: int) -> None:
     connection.close()
 
 
+def pipelined_worker(amqp_url: str, prefetch: int) -> None:
+    """(e) The ceiling: no database at all. One channel in confirm mode consumes, publishes each reply at once
+    (never waiting for its confirm), and acknowledges the deliveries whose replies are confirmed, `multiple` up to
+    the newest, as the broker's confirms arrive in batches."""
+    state: dict[str, Any] = {"seq": 0, "pending": deque()}  # (publish seq, delivery tag), oldest first
+
+    def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+        certificate = json.loads(body)["certificate"]
+        reply = json.dumps({"result": "OK", "error_id": None, "code": None, "message": "registered",
+                            "request_id": properties.message_id, "data": {"certificate_id": certificate["id"]}})
+        ch.basic_publish("", properties.reply_to, reply.encode(), pika.BasicProperties(
+            correlation_id=properties.message_id, content_type="application/json", delivery_mode=2))
+        state["seq"] += 1
+        state["pending"].append((state["seq"], method.delivery_tag))
+
+    def on_confirm(frame: Any) -> None:
+        confirmed, pending, newest = frame.method.delivery_tag, state["pending"], None
+        while pending and (pending[0][0] <= confirmed if frame.method.multiple else pending[0][0] == confirmed):
+            newest = pending.popleft()[1]
+        if newest is not None:
+            channel.basic_ack(newest, multiple=True)
+
+    def on_channel(ch: Any) -> None:
+        nonlocal channel
+        channel = ch
+        ch.basic_qos(prefetch_count=prefetch, callback=lambda _f: ch.confirm_delivery(
+            on_confirm, callback=lambda _f: (ch.basic_consume(PIPELINED_QUEUE, on_message, auto_ack=False),
+                                             print("pipelined worker consuming", flush=True))))
+
+    channel: Any = None
+    connection = pika.SelectConnection(pika.URLParameters(amqp_url),
+                                       on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+                                       on_close_callback=lambda *_: connection.ioloop.stop())
+    signal.signal(signal.SIGTERM, lambda *_: connection.ioloop.add_callback_threadsafe(connection.close))
+    connection.ioloop.start()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Set-up: vhost, database, service process
 # --------------------------------------------------------------------------------------------------------------
@@ -432,7 +515,7 @@ class ExternalService:
 
 class ServiceProcess:
     def __init__(self, amqp_url: str, database_url: str, env: dict[str, str], log_path: Path,
-                 in_process: bool, split_relay: bool = False, root: Path = ROOT) -> None:
+                 in_process: bool, serve_args: list[str] | None = None, root: Path = ROOT) -> None:
         self.in_process = in_process
         self.processes: list[subprocess.Popen] = []
         self.log_path = log_path
@@ -449,12 +532,10 @@ class ServiceProcess:
             self.service.start()
         else:
             self.log_file = open(log_path, "w")  # noqa: SIM115
-            commands = [["serve", "--no-relay"], ["serve", "--relay-only"]] if split_relay else [["serve"]]
-            for command in commands:
-                self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "service.cli", *command], cwd=root,
-                    env={**os.environ, **settings_env, "PYTHONPATH": str(root)},
-                    stdout=self.log_file, stderr=subprocess.STDOUT))
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", *(serve_args or [])], cwd=root,
+                env={**os.environ, **settings_env, "PYTHONPATH": str(root)},
+                stdout=self.log_file, stderr=subprocess.STDOUT))
 
     @property
     def pids(self) -> set[int]:
@@ -501,6 +582,50 @@ def describe(run: Run) -> str:
     return f"replies {len(run.replies)} ({results}), events {len(run.events)}, nacked {run.nacked}{extra}"
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+class Worker:
+    """A reference loop (`--bare-worker` / `--pipelined-worker`) in a process of its own."""
+
+    def __init__(self, kind: str, args: argparse.Namespace, amqp_url: str, database_url: str, log: Path) -> None:
+        self.log = open(log, "w")  # noqa: SIM115
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), f"--{kind}-worker",
+                                         "--amqp-url", amqp_url, "--database-url", database_url,
+                                         "--prefetch", str(args.prefetch)],
+                                        cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.pids = {self.process.pid}
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@dataclass
+class Target:
+    """What one line of the benchmark drives: where its messages go and who handles them."""
+    key: str
+    name: str
+    exchange: str
+    routing_key: str
+    events: bool
+    server: Any
+    messages: Messages
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -510,32 +635,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vhost", help="use this existing vhost (default: create intyg-bench-<hex>)")
     parser.add_argument("--database", help="use this existing database (default: create intyg_bench_<hex>)")
     parser.add_argument("--keep", action="store_true", help="keep the vhost and database created")
-    parser.add_argument("-n", "--registrations", type=int, default=5000, help="(a) and (c): messages (5000)")
-    parser.add_argument("--warmup", type=int, default=500, help="untimed messages before (a) and (c) (500)")
+    parser.add_argument("-n", "--registrations", type=int, default=5000, help="(a), (c), (e): messages (5000)")
+    parser.add_argument("--warmup", type=int, default=500, help="untimed messages before the rounds (500)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are their median (3)")
     parser.add_argument("--document-kb", type=int, default=20, help="document size in KB (20)")
     parser.add_argument("--window", type=int, default=1000, help="unconfirmed publishes at most (1000)")
-    parser.add_argument("--rate", type=float, default=200.0, help="(b): offered msg/s (200)")
-    parser.add_argument("--duration", type=float, default=20.0, help="(b): seconds (20)")
+    parser.add_argument("--rate", type=float, default=200.0, help="(b), (d): offered msg/s (200)")
+    parser.add_argument("--duration", type=float, default=20.0, help="(b), (d): seconds (20)")
     parser.add_argument("--prefetch", type=int, default=200,
-                        help="the bare loop's prefetch (200, the service's default)")
+                        help="the reference loops' prefetch (200, the service's default)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="a setting for the service, e.g. PARALLEL_CONSUMERS=2 (repeatable)")
+                        help="a setting for the service, e.g. CONSUMER_PROCESSES=2 (repeatable)")
     parser.add_argument("--in-process", action="store_true", help="run the Service in this process (threads)")
     parser.add_argument("--service-root", type=Path, default=ROOT,
                         help="run the service (and the migration) from this checkout, e.g. a `git worktree` of an "
                              "older commit, to compare before and after on the same machine")
-    parser.add_argument("--split-relay", action="store_true",
-                        help="run the consumers (`serve --no-relay`) and the outbox relay (`serve --relay-only`) as "
-                             "two processes")
+    parser.add_argument("--serve-args", default="",
+                        help="arguments of `serve`, e.g. --serve-args=--single-process (default: the supervised "
+                             "processes)")
+    parser.add_argument("--backlog", type=int, default=0,
+                        help="at the end, with the service paused (SIGSTOP), queue this many registrations, let it "
+                             "go on (SIGCONT) and report its peak resident memory while it works them off")
     parser.add_argument("--external-service", action="store_true",
                         help="do not start the service: one already serves --vhost/--database (e.g. under a profiler)")
-    parser.add_argument("--skip", action="append", default=[], choices=["a", "b", "c", "d"],
+    parser.add_argument("--skip", action="append", default=[], choices=["a", "b", "c", "d", "e"],
                         help="skip a part (d: the bare loop's latency at --rate, for comparison with b)")
     parser.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pipelined-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.bare_worker:
         bare_worker(args.amqp_url, plain(args.database_url), args.prefetch)
+        return 0
+    if args.pipelined_worker:
+        pipelined_worker(args.amqp_url, args.prefetch)
         return 0
 
     env = dict(item.split("=", 1) for item in args.env)
@@ -554,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     amqp_url = with_vhost(args.amqp_url, vhost)
     database_url = with_database(server_db, database)
     workdir = Path(tempfile.mkdtemp(prefix="intyg-bench-"))
-    print(f"vhost {vhost}, database {database}, logs in {workdir}", flush=True)
+    print(f"vhost {vhost}, database {database}, logs in {workdir}; load {load()}", flush=True)
 
     if args.service_root.resolve() == ROOT:
         from storage import migrate
@@ -563,68 +696,73 @@ def main(argv: list[str] | None = None) -> int:
     else:
         subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=args.service_root, check=True,
                        env={**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(args.service_root)})
-    results: dict[str, Any] = {}
+    with psycopg.connect(plain(database_url), autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {BARE_TABLE} "
+                     "(id text PRIMARY KEY, patient_id char(12) NOT NULL, body text NOT NULL)")
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    for queue in (BARE_QUEUE, PIPELINED_QUEUE):
+        connection.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    connection.close()
+
+    results: dict[str, list[Run]] = {k: [] for k in "abcde"}
+    loads = [load()]
+    servers: list[Any] = []
     try:
+        targets: list[Target] = []
         if set("ab") - set(args.skip):
             service = (ExternalService() if args.external_service else
                        ServiceProcess(amqp_url, database_url, env, workdir / "service.log", args.in_process,
-                                      args.split_relay, args.service_root))
-            try:
-                wait_consumers(amqp_url, REGISTRATION_QUEUE, 60, service.alive)
-                messages = Messages(run_tag, args.document_kb)
-                if args.warmup:
-                    Driver(amqp_url, exchange=COMMANDS_EXCHANGE, routing_key="certificate.register",
-                           messages=messages, count=args.warmup, name="warm-up", window=args.window).go()
-                if "a" not in args.skip:
-                    meter = CpuMeter(lambda: service.pids)
-                    results["a"] = measured(meter, Driver(
-                        amqp_url, exchange=COMMANDS_EXCHANGE, routing_key="certificate.register", messages=messages,
-                        count=args.registrations, name="throughput", window=args.window))
-                    print(f"(a) done: {describe(results['a'])}", flush=True)
-                if "b" not in args.skip:
-                    results["b"] = Driver(amqp_url, exchange=COMMANDS_EXCHANGE, routing_key="certificate.register",
-                                          messages=messages, count=int(args.rate * args.duration),
-                                          name="latency", rate=args.rate,
-                                          timeout=args.duration + 120).go()
-                    print(f"(b) done: {describe(results['b'])}", flush=True)
-            finally:
-                service.stop()
+                                      args.serve_args.split(), args.service_root))
+            servers.append(service)
+            wait_consumers(amqp_url, REGISTRATION_QUEUE, 120, service.alive)
+            targets.append(Target("a", "service", COMMANDS_EXCHANGE, "certificate.register", True, service,
+                                  Messages(run_tag, args.document_kb)))
         if set("cd") - set(args.skip):
-            with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {BARE_TABLE} "
-                             "(id text PRIMARY KEY, patient_id char(12) NOT NULL, body text NOT NULL)")
-            connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-            connection.channel().queue_declare(BARE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-            connection.close()
-            log = open(workdir / "bare.log", "w")  # noqa: SIM115
-            worker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--bare-worker",
-                                       "--amqp-url", amqp_url, "--database-url", database_url,
-                                       "--prefetch", str(args.prefetch)],
-                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                wait_consumers(amqp_url, BARE_QUEUE, 30, lambda: worker.poll() is None)
-                messages = Messages(run_tag + "b", args.document_kb)
-                if args.warmup:
-                    Driver(amqp_url, exchange="", routing_key=BARE_QUEUE, messages=messages, count=args.warmup,
-                           name="bare warm-up", window=args.window, events=False).go()
-                if "c" not in args.skip:
-                    results["c"] = measured(CpuMeter(lambda: {worker.pid}), Driver(
-                        amqp_url, exchange="", routing_key=BARE_QUEUE, messages=messages, count=args.registrations,
-                        name="bare", window=args.window, events=False))
-                    print(f"(c) done: {describe(results['c'])}", flush=True)
-                if "d" not in args.skip:
-                    results["d"] = Driver(amqp_url, exchange="", routing_key=BARE_QUEUE, messages=messages,
-                                          count=int(args.rate * args.duration), name="bare latency",
-                                          rate=args.rate, events=False, timeout=args.duration + 120).go()
-                    print(f"(d) done: {describe(results['d'])}", flush=True)
-            finally:
-                worker.send_signal(signal.SIGTERM)
-                try:
-                    worker.wait(10)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                log.close()
+            bare = Worker("bare", args, amqp_url, database_url, workdir / "bare.log")
+            servers.append(bare)
+            wait_consumers(amqp_url, BARE_QUEUE, 30, bare.alive)
+            targets.append(Target("c", "bare", "", BARE_QUEUE, False, bare, Messages(run_tag + "b", args.document_kb)))
+        if "e" not in args.skip:
+            pipelined = Worker("pipelined", args, amqp_url, database_url, workdir / "pipelined.log")
+            servers.append(pipelined)
+            wait_consumers(amqp_url, PIPELINED_QUEUE, 30, pipelined.alive)
+            targets.append(Target("e", "pipelined", "", PIPELINED_QUEUE, False, pipelined,
+                                  Messages(run_tag + "e", args.document_kb)))
+
+        def drive(target: Target, name: str, **how: Any) -> Run:
+            return Driver(amqp_url, exchange=target.exchange, routing_key=target.routing_key,
+                          messages=target.messages, name=name, events=target.events, **how).go()
+
+        if args.warmup:
+            for target in targets:
+                drive(target, f"{target.name} warm-up", count=args.warmup, window=args.window)
+        for round_ in range(1, args.rounds + 1):
+            for target in targets:  # the three side by side, alternating, so that the load hits them alike
+                if target.key in args.skip:
+                    continue
+                meter = CpuMeter(lambda t=target: t.server.pids)
+                meter.begin()
+                run = drive(target, f"{target.name} {round_}", count=args.registrations, window=args.window)
+                run.cpu = meter.end()
+                run.peak_rss_mb = meter.peak_rss_mb
+                results[target.key].append(run)
+                print(f"({target.key}) round {round_}: {args.registrations / run.elapsed:.0f}/s; {describe(run)}",
+                      flush=True)
+            for target, key in ((t, {"a": "b", "c": "d"}.get(t.key)) for t in targets):
+                if key is None or key in args.skip:
+                    continue
+                run = drive(target, f"{target.name} latency {round_}", count=int(args.rate * args.duration),
+                            rate=args.rate, timeout=args.duration + 120)
+                results[key].append(run)
+                print(f"({key}) round {round_}: reply p99 {percentile(run.latencies_ms(), 99):.1f} ms; "
+                      f"{describe(run)}", flush=True)
+            loads.append(load())
+        service_target = next((t for t in targets if t.key == "a"), None)
+        if args.backlog and service_target is not None and not args.in_process:
+            results["backlog"] = [backlog(service_target, args, drive)]
     finally:
+        for server in servers:
+            server.stop()
         if not args.keep:
             if not args.vhost:
                 try:
@@ -639,60 +777,99 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # noqa: BLE001
                     print(f"could not drop database {database}: {exc}", file=sys.stderr)
 
-    print_table(args, env, results)
+    print_table(args, env, results, loads)
     return 0
 
 
-def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str, Run]) -> None:
+def backlog(target: Target, args: argparse.Namespace, drive: Callable[..., Run]) -> Run:
+    """The service paused while `--backlog` registrations pile up in its queue, then resumed: its peak resident
+    memory while it works them off (its prefetch, not the backlog, should bound it)."""
+    meter = CpuMeter(lambda: target.server.pids)
+    pids = family(target.server.pids, parents())
+
+    def signal_all(sig: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    signal_all(signal.SIGSTOP)
+    meter.begin()
+    try:
+        run = drive(target, "backlog", count=args.backlog, window=args.window,
+                    on_confirmed=lambda: signal_all(signal.SIGCONT), timeout=args.backlog / 20 + 300)
+    finally:
+        signal_all(signal.SIGCONT)
+    run.cpu = meter.end()
+    run.peak_rss_mb = meter.peak_rss_mb
+    print(f"(backlog) {args.backlog} registrations: peak resident memory {run.peak_rss_mb:.0f} MB; {describe(run)}",
+          flush=True)
+    return run
+
+
+def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str, list[Run]],
+                loads: list[str]) -> None:
     settings = " ".join(f"{k}={v}" for k, v in sorted(env.items()))
+    how = "in-process" if args.in_process else f"`serve {args.serve_args}`".replace(" `", "`")
     print()
-    how = "in-process" if args.in_process else "two processes" if args.split_relay else "subprocess"
-    print(f"Intygstjänsten end to end — {os.cpu_count()} CPUs, service {how}"
-          f" ({settings}), documents {args.document_kb} KB, confirm window {args.window}")
-    print(f"{'':46}{'value':>16}")
-    rows: list[tuple[str, str]] = []
-    a, b, c = results.get("a"), results.get("b"), results.get("c")
-    if a is not None:
-        lat = a.latencies_ms()
-        rows += [(f"(a) service: {args.registrations} registrations", f"{args.registrations / a.elapsed:10.0f} /s"),
-                 ("    elapsed (until last reply and event)", f"{a.elapsed:10.2f} s"),
-                 ("    reply latency under that load p50", fmt_ms(percentile(lat, 50))),
-                 ("    reply latency under that load p99", fmt_ms(percentile(lat, 99))),
-                 (cpu_line(a, "service"), ""),
-                 ("    " + describe(a), "")]
-    if b is not None:
-        lat = b.latencies_ms()
-        offered = b.sent / max(1e-9, b.last_sent - b.first_sent) if b.sent > 1 else 0.0
-        rows += [(f"(b) steady {args.rate:g} msg/s for {args.duration:g} s: offered", f"{offered:10.1f} /s"),
-                 ("    reply latency p50", fmt_ms(percentile(lat, 50))),
-                 ("    reply latency p90", fmt_ms(percentile(lat, 90))),
-                 ("    reply latency p99", fmt_ms(percentile(lat, 99))),
-                 ("    reply latency max", fmt_ms(lat[-1] if lat else float("nan"))),
-                 ("    " + describe(b), "")]
-    if c is not None:
-        rows += [(f"(c) bare pika loop: {args.registrations} messages", f"{args.registrations / c.elapsed:10.0f} /s"),
-                 ("    elapsed (until last reply)", f"{c.elapsed:10.2f} s"),
-                 (cpu_line(c, "bare loop"), ""),
-                 ("    " + describe(c), "")]
-    d = results.get("d")
-    if d is not None:
-        lat = d.latencies_ms()
-        rows += [(f"(d) bare loop, steady {args.rate:g} msg/s: reply p50", fmt_ms(percentile(lat, 50))),
-                 ("    reply latency p99", fmt_ms(percentile(lat, 99))),
-                 ("    " + describe(d), "")]
-    if a is not None and c is not None:
-        rows.append(("ratio service / bare", f"{c.elapsed / a.elapsed:10.2f} x"))
-    for label, value in rows:
-        print(f"{label:46}{value:>16}" if value else label)
-    targets = []
-    if a is not None:
-        targets.append(f"≥1000/s: {'yes' if args.registrations / a.elapsed >= 1000 else 'NO'}")
-    if a is not None and c is not None:
-        targets.append(f"≥1.5× bare: {'yes' if a.elapsed * 1.5 <= c.elapsed else 'NO'}")
-    if b is not None:
-        targets.append(f"p99 ≤ 50 ms: {'yes' if percentile(b.latencies_ms(), 99) <= 50 else 'NO'}")
-    if targets:
-        print("targets: " + ", ".join(targets))
+    print(f"Intygstjänsten end to end — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, "
+          f"service {how} ({settings}), documents {args.document_kb} KB, confirm window {args.window}")
+    print(f"load average (1, 5, 15 min) before and after each round: {' | '.join(loads)}")
+    print(f"{len(results['a'] or results['c'])} alternating rounds; each cell: round by round, then the median")
+    rates = {k: [args.registrations / r.elapsed for r in runs] for k, runs in results.items() if k in "ace"}
+    ratios: dict[str, list[float]] = {}
+    if results["a"] and results["c"]:
+        ratios["service / bare loop (c)"] = [c.elapsed / a.elapsed for a, c in zip(results["a"], results["c"])]
+    if results["a"] and results["e"]:
+        ratios["service / no-database ceiling (e)"] = [e.elapsed / a.elapsed
+                                                       for a, e in zip(results["a"], results["e"])]
+
+    def row(label: str, values: list[float], unit: str, digits: int = 0) -> None:
+        cells = "  ".join(f"{v:8.{digits}f}" for v in values)
+        print(f"{label:44}{cells}   median {median(values):8.{digits}f} {unit}")
+
+    titles = {"a": f"(a) service: {args.registrations} registrations", "c": "(c) bare pika loop (one INSERT each)",
+              "e": "(e) pipelined, no database (ceiling)"}
+    for key in "ace":
+        if rates.get(key):
+            row(titles[key], rates[key], "/s")
+            per = {g: [r.cpu.get(g, 0) * 1000 / max(1, len(r.replies)) for r in results[key]]
+                   for g in ("server", "broker", "postgres", "client")}
+            row("    CPU ms per message of the process(es)", per["server"], "ms", 2)
+            row("    peak resident memory of the process(es)", [r.peak_rss_mb for r in results[key]], "MB")
+            print(f"{'':4}median CPU ms per message: broker {median(per['broker']):.2f}, postgres "
+                  f"{median(per['postgres']):.2f}, client {median(per['client']):.2f}; other processes "
+                  f"{median([r.cpu.get('other', 0) / max(1e-9, r.elapsed) for r in results[key]]):.2f} cores")
+    for key, title in (("b", "(b) service"), ("d", "(d) bare loop")):
+        if results[key]:
+            row(f"{title}: reply p99 at {args.rate:g} msg/s", [percentile(r.latencies_ms(), 99)
+                                                                for r in results[key]], "ms", 1)
+            row("    reply p50", [percentile(r.latencies_ms(), 50) for r in results[key]], "ms", 1)
+    for label, values in ratios.items():
+        row(f"ratio {label}", values, "x", 2)
+    if results.get("backlog"):
+        run = results["backlog"][0]
+        print(f"backlog: {args.backlog} registrations queued, then worked off: peak resident memory "
+              f"{run.peak_rss_mb:.0f} MB (≤ 250 MB: {'yes' if run.peak_rss_mb <= 250 else 'NO'})")
+    for runs in results.values():
+        for run in runs:
+            if run.timed_out or run.nacked or len(run.replies) < run.sent:
+                print(f"WARNING {run.name}: {describe(run)}")
+    verdicts = []
+    if "service / bare loop (c)" in ratios:
+        verdicts.append(f"≥1.5× bare: {'yes' if median(ratios['service / bare loop (c)']) >= 1.5 else 'NO'}")
+    if results["b"]:
+        p99 = median([percentile(r.latencies_ms(), 99) for r in results["b"]])
+        verdicts.append(f"p99 ≤ 50 ms: {'yes' if p99 <= 50 else 'NO'}")
+    if results["a"]:
+        cpu = median([r.cpu.get("server", 0) * 1000 / max(1, len(r.replies)) for r in results["a"]])
+        verdicts.append(f"service CPU ≤ 0.35 ms/message: {'yes' if cpu <= 0.35 else 'NO'}")
+    if "service / no-database ceiling (e)" in ratios:
+        verdicts.append(f"moonshot ≥0.8× (e): "
+                        f"{'yes' if median(ratios['service / no-database ceiling (e)']) >= 0.8 else 'NO'}")
+    if verdicts:
+        print("targets (medians): " + ", ".join(verdicts))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ class StartupAborted(RuntimeError):
 
 class Service:
     def __init__(self, settings: Any, *, consumers: bool = True, relay: bool = True,
-                 queues: Sequence[str] | None = None, migrate_db: bool = True, tracer_provider: Any = None) -> None:
+                 queues: Sequence[str] | None = None, migrate_db: bool = True, declare_topology: bool = True,
+                 ready_line: str = "service started", tracer_provider: Any = None) -> None:
         """`tracer_provider`: an OpenTelemetry SDK TracerProvider (default: from the `OTEL_*` environment, see
         `service.tracing`; none there means no tracing)."""
         if not consumers and not relay:
@@ -51,6 +52,8 @@ class Service:
         self.with_relay = relay
         self.queues = list(queues or CONSUMED_QUEUES)
         self.migrate_db = migrate_db
+        self.declare_topology = declare_topology
+        self.ready_line = ready_line  # a supervised child says something else: `serve` itself is not ready yet
         self.log = get_logger("intygstjanst.service")
         self.engine: Any = None
         self.relay: Any = None
@@ -67,13 +70,19 @@ class Service:
 
     # -- start ---------------------------------------------------------------------------------------------------
 
-    def start(self, *, ready_timeout: float = 60.0) -> None:
+    def prepare(self) -> None:
+        """Migrate the database and declare the topology, waiting for either while it is not up yet."""
         settings = self.settings
         if self.migrate_db:
             self._patiently("database migration", lambda: migrate.upgrade(settings.database_url),
                             lambda e: is_transient(e))
-        self._patiently("broker topology", lambda: topology.declare_with(settings.amqp_url, settings),
-                        lambda e: isinstance(e, (AMQPConnectionError, ConnectionError, OSError)))
+        if self.declare_topology:
+            self._patiently("broker topology", lambda: topology.declare_with(settings.amqp_url, settings),
+                            lambda e: isinstance(e, (AMQPConnectionError, ConnectionError, OSError)))
+
+    def start(self, *, ready_timeout: float = 60.0) -> None:
+        settings = self.settings
+        self.prepare()
         # One connection per consumer thread, one held by the relay while it leads, one spare.
         threads = sum(consumer_count(q, settings) for q in self.queues) if self.with_consumers else 0
         self.engine = make_engine(settings.database_url, pool_size=threads + 2, max_overflow=4)
@@ -109,7 +118,7 @@ class Service:
             for consumer in self.consumers:
                 if not consumer.wait_consuming(max(0.0, deadline - time.monotonic())):
                     self.log.warning("consumer not consuming yet; it keeps trying", queue=consumer.queue)
-        self.log.info("service started", queues=self.queues if self.with_consumers else [],
+        self.log.info(self.ready_line, queues=self.queues if self.with_consumers else [],
                       relay=self.with_relay, batch_size=settings.batch_size, prefetch=settings.prefetch)
 
     def _tracer(self) -> Any:
@@ -199,7 +208,7 @@ class Service:
                 return False
         return True
 
-    def run(self) -> int:
+    def run(self, on_ready: Callable[[], None] | None = None) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start_probes()
@@ -207,6 +216,8 @@ class Service:
                 self.start()
             except StartupAborted:
                 return 0
+            if on_ready is not None:
+                on_ready()
             ok = self.wait()
             return 0 if ok else 1
         finally:

@@ -54,17 +54,25 @@ def serve(
                                                                "outbox relay (`serve --relay-only`).")] = False,
     relay_only: Annotated[bool, typer.Option("--relay-only", help="Run only the outbox relay, which publishes "
                                                                    "committed replies and events.")] = False,
+    single_process: Annotated[bool, typer.Option("--single-process", help="Consumers and relay as threads of "
+                                                                           "this one process.")] = False,
 ) -> None:
     """Run the service: migrate, declare the topology, start the outbox relay and the consumers.
 
-    One consumer thread per service queue. Stops cleanly on SIGTERM or Ctrl-C: in-flight batches are finished and acknowledged, the outbox is flushed, exit code 0.
+    By default as supervised processes (service/supervisor.py): one relay and CONSUMER_PROCESSES consumer
+    processes, each restarted when it dies. Stops cleanly on SIGTERM or Ctrl-C: in-flight batches are finished and
+    acknowledged, the outbox is flushed, exit code 0.
     """
     if no_relay and relay_only:
         raise typer.BadParameter("--no-relay and --relay-only exclude each other")
-    from service.app import Service
-
     settings = _settings()
     _configure_logging(settings)
+    if not (no_relay or relay_only or single_process):
+        from service.supervisor import Supervisor
+
+        raise typer.Exit(Supervisor(settings).run())
+    from service.app import Service
+
     service = Service(settings, consumers=not relay_only, relay=not no_relay)
     raise typer.Exit(service.run())
 

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # access log keeps its entries (an ISO 8601 duration such as P3653D, or seconds).
     access_log_required: bool = True
     access_log_retention: dt.timedelta = dt.timedelta(days=3653)  # 10 years, leap days included
+    # Consumer processes `serve` runs next to its relay process: the first consumes every queue, the others only
+    # intyg.registration and intyg.query (order-free), so that commands of the ordered queues keep their order.
+    consumer_processes: int = Field(default=1, ge=1, le=16)
     reconnect_max_s: float = 30.0  # cap of the jittered exponential back-off when the broker is away
     # Key of the HMAC on the service's own retry and dead-letter bookkeeping (consumers.retry.Signer); every
     # instance must share it. Empty: derived from the service's broker credentials, which every instance shares.

@@ -26,7 +26,8 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     Consumer._committed = crash_after
-    sys.argv = ["intygstjanst", *sys.argv[1:]]
+    # The patch lives in this process only: the supervised serve would run the consumers in fresh interpreters.
+    sys.argv = ["intygstjanst", *sys.argv[1:], "--single-process"]
     app()
 
 

@@ -37,8 +37,8 @@ _UNSET: Any = object()
 SERVICE_ENV_KEYS = {"AMQP_URL", "DATABASE_URL", "CERTIFICATE_TYPES", "RECIPIENTS", "MAX_BODY_BYTES", "PREFETCH",
                     "BATCH_SIZE", "BATCH_WAIT_MS", "RETRY_DELAYS_S", "REVOKE_WAIT_S", "BULK_BATCH_SIZE",
                     "RELAY_BATCH_SIZE", "RELAY_POLL_S", "ENFORCE_ROLES", "ROLES", "LOG_LEVEL", "LOG_SALT",
-                    "PARALLEL_CONSUMERS", "RECONNECT_MAX_S", "HEADER_SIGNING_KEY", "METRICS_PORT",
-                    "TEST_CRASH_AFTER_COMMIT"}
+                    "PARALLEL_CONSUMERS", "CONSUMER_PROCESSES", "RECONNECT_MAX_S", "HEADER_SIGNING_KEY",
+                    "METRICS_PORT", "TEST_CRASH_AFTER_COMMIT"}
 
 
 # ------------------------------------------------------------------------------------------------------------------

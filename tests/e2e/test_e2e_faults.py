@@ -136,7 +136,7 @@ def test_the_database_going_away_means_retries_then_unavailable_and_dlq_replay_a
         short_cid = new_id()
         short = wire.send("certificate.register", {"certificate": certificate(short_cid, p)})
         service = launch.processes[0]
-        service.wait_log(short, timeout=10)  # its first attempt failed and was logged (retry)
+        service.wait_log(short, timeout=30)  # its first attempt failed and was logged (retry)
         wire.pump(0.3)
         proxy.start()
         check_reply(wire, short, "OK", timeout=15)

@@ -83,7 +83,8 @@ def send(engine, certificate: dict[str, Any]) -> None:
 def purge(engine, certificate: dict[str, Any]) -> None:
     """Care removes its copy (the citizen's stays, with consent), then consent is withdrawn: purged."""
     handle(engine, "certificate.remove-care-copy", {"certificate_id": certificate["id"],
-                                                    "care_giver_id": certificate["issued_by"]["care_giver"]["id"]})
+                                                    "care_giver_id": certificate["issued_by"]["care_giver"]["id"],
+                                                    "accessed_by": factories.ACCESSED_BY})
     handle(engine, "consent.set", {"patient_id": certificate["patient_id"], "given": False})
 
 
@@ -156,8 +157,8 @@ def test_a_purged_certificate_leaves_nothing_in_the_outbox_but_deliveries_decide
 
     rows = outbox_of(engine, certificate["id"])
     assert [r.routing_key for r in rows if r.kind == "event"] == [
-        "certificate.sent", f"recipient.{RECIPIENT}.certificate.sent", "certificate.care-copy-removed",
-        "certificate.purged"]  # the published `registered` went with the purge
+        "certificate.sent", f"recipient.{RECIPIENT}.certificate.sent", "access.logged",
+        "certificate.care-copy-removed", "certificate.purged"]  # the published `registered` went with the purge
     assert all(r.published_at is None and r.erase_when_published for r in rows if r.kind == "event")
 
     relay_for(amqp_url, engine).run_once()
@@ -251,7 +252,7 @@ def test_one_instance_deletes_at_a_time(engine):
     with engine.connect() as other:
         other.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"),
                       {"a": HOUSEKEEPING_LOCK[0], "b": HOUSEKEEPING_LOCK[1]})  # another instance's round
-        assert sweep(engine, Retention()) == {"bulk_progress": 0, "inbox": 0, "outbox": 0}
+        assert sweep(engine, Retention()) == {"bulk_progress": 0, "inbox": 0, "outbox": 0, "access_log": 0}
         other.rollback()
     assert sweep(engine, Retention())["inbox"] == 1
 
@@ -276,7 +277,8 @@ def test_the_housekeeper_logs_what_each_round_removed(engine):
     finally:
         keeper.stop()
         keeper.join(5)
-    assert lines[0] == ("housekeeping round", {"deleted_bulk_progress": 0, "deleted_inbox": 1, "deleted_outbox": 0})
+    assert lines[0] == ("housekeeping round", {"deleted_bulk_progress": 0, "deleted_inbox": 1, "deleted_outbox": 0,
+                                               "deleted_access_log": 0})
 
 
 # --- operators ----------------------------------------------------------------------------------------------------
