@@ -33,10 +33,8 @@ from storage.engine import make_engine
 from storage.outbox import RELAY_LOCK, OutboxMessage, SqlOutbox, pending_count
 
 try:
-    from tests import services
     from tests.databases import migrated_database
 except ImportError:  # tests/ itself on sys.path
-    import services
     from databases import migrated_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,20 +50,6 @@ def engine(database_url):
         engine = make_engine(url)
         yield engine
         engine.dispose()
-
-
-@pytest.fixture
-def second_vhost_url(_rabbitmq_broker):
-    broker = _rabbitmq_broker
-    vhost = f"{broker.vhost}-b"
-    broker.admin.add_vhost(vhost)
-    try:
-        broker.admin.grant_all(vhost, broker.target.user)
-        url = broker.target.url(vhost=vhost)
-        services.wait_for_vhost(url)
-        yield url
-    finally:
-        broker.admin.delete_vhost(vhost)
 
 
 class Deliveries(threading.Thread):
@@ -111,18 +95,18 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_two_relays_never_publish_in_overlapping_terms_while_the_leaders_session_is_killed(
-        engine, amqp_url, second_vhost_url):
+        engine, amqp_url, fresh_vhost):
     tag = uuid.uuid4().hex[:8]
     record: list[tuple[float, str, str]] = []
     record_lock = threading.Lock()
     consumers = [Deliveries(amqp_url, "A", tag, record, record_lock),
-                 Deliveries(second_vhost_url, "B", tag, record, record_lock)]
+                 Deliveries(fresh_vhost, "B", tag, record, record_lock)]
     for consumer in consumers:
         consumer.start()
     # A killed relay waits 1 s before it asks for the lock again; the other asks every 0.1 s: leadership moves.
     relays = {name: OutboxRelay(url, engine, batch_size=100, poll_s=0.02, lead_poll_s=0.1, backoff_initial_s=1.0,
                                 backoff_max_s=1.0, takeover_grace_s=GRACE_S, connection_name=f"relay-{name}-{tag}")
-              for name, url in (("A", amqp_url), ("B", second_vhost_url))}
+              for name, url in (("A", amqp_url), ("B", fresh_vhost))}
     threads = [threading.Thread(target=relay.run, daemon=True) for relay in relays.values()]
     for thread in threads:
         thread.start()
