@@ -56,7 +56,7 @@ def decide(item: Item, settings: retry.RetrySettings, now: dt.datetime, dlq: str
         if decision.retry:
             return Settlement("WAITING", f"not there yet; {decision.describe}: {reply.message}", retry=decision,
                               error=(code, reply.message), log={"attempt": decision.attempt, "delay_s": decision.delay_s})
-        waited = getattr(settings, "revoke_wait_s", 0)
+        waited = settings.revoke_wait_s
         return Settlement(code, f"dead-lettered to {dlq}: {code} after waiting {waited:g}s "
                                 f"({decision.attempt} attempts)",
                           reply=reply if answer else None,
