@@ -5,12 +5,13 @@ A batch is up to `batch_size` deliveries, gathered for at most `batch_wait_ms` a
 1. read: every property and header is checked before use (`consumers.envelope`);
 2. parse and apply in one database transaction, commit (`consumers.batch`);
 3. a care giver leaving (`Processed.more`) is continued in fresh transactions until done;
-4. settle each message (`consumers.outcome`): publish, with publisher confirms, what goes out directly (query
-   replies, error replies, retry copies, dead letters);
-5. acknowledge what is settled (one `multiple` ack when the whole batch is); a message whose settlement cannot
-   be published for a reason of its own is rejected, and the broker dead-letters it (the queue's dead-letter
-   target); trouble with the broker itself ends the session, and the broker redelivers;
-6. nudge the outbox relay.
+4. settle each message (`consumers.outcome`): its reply, in one AMQP transaction for the batch
+   (`publishers.replies.ReplyBatch`), and, each with a publisher confirm, retry copies and dead letters;
+5. acknowledge what is settled (one `multiple` ack when the whole batch is), once the broker holds the replies;
+   a message whose settlement cannot be published for a reason of its own is rejected, and the broker
+   dead-letters it (the queue's dead-letter target); trouble with the broker itself ends the session, and the
+   broker redelivers;
+6. nudge the outbox relay (events).
 
 A crash anywhere before 5 makes the broker redeliver; the inbox answers a redelivery with the stored reply and
 changes nothing, so at-least-once delivery is safe. A message that crashes the consumer on every delivery is
@@ -39,7 +40,7 @@ from contracts.replies import Code
 from contracts.topology import CONSUMED_QUEUES, SERVICE_QUEUES, UNROUTED, dlq
 from domain.privacy import patient_hash
 from publishers import amqp
-from publishers.replies import DirectPublisher, copy_properties
+from publishers.replies import DirectPublisher, ReplyBatch, copy_properties
 from storage.uow import SqlUnitOfWork
 
 # Queues whose messages may be handled in any order, so `parallel_consumers` threads may share them: two
@@ -105,6 +106,7 @@ class Consumer(threading.Thread):
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._publisher: Any = None
+        self._replies: Any = None
         self._cancelled_by_broker = False
         self._redeclare = False
         self.handled = 0  # messages settled (for tests and metrics)
@@ -157,7 +159,7 @@ class Consumer(threading.Thread):
     def _close(self) -> None:
         self._buffer.clear()  # unacknowledged: the broker redelivers them
         connection, self._connection = self._connection, None
-        self._channel = self._publisher = None
+        self._channel = self._publisher = self._replies = None
         if connection is not None and connection.is_open:
             try:
                 connection.close()
@@ -173,6 +175,7 @@ class Consumer(threading.Thread):
         if self.declare is not None:
             self.declare(publish_channel)
         self._publisher = DirectPublisher(publish_channel)
+        self._replies = ReplyBatch(connection.channel())
         self._channel = channel = connection.channel()
         channel.basic_qos(prefetch_count=self.settings.prefetch)
         self._cancelled_by_broker = False
@@ -269,6 +272,7 @@ class Consumer(threading.Thread):
         settled: list[bool] = []
         for item in items:
             settled.append(self._settle_one(item, now))
+        self._replies.commit()
         channel = self._channel
         if all(settled):
             channel.basic_ack(delivery_tag=items[-1].delivery.tag, multiple=True)
@@ -300,8 +304,8 @@ class Consumer(threading.Thread):
             settlement = outcome.decide(item, self.settings, now, self.dlq)
             if settlement.reply is not None:
                 envelope = item.envelope
-                self._publisher.reply(envelope.reply_to, settlement.reply,
-                                      correlation_id=envelope.reply_correlation_id, headers=item.outgoing_trace)
+                self._replies.add(envelope.reply_to, settlement.reply,
+                                  correlation_id=envelope.reply_correlation_id, headers=item.outgoing_trace)
             if settlement.retry is not None:
                 self._retry(item, settlement)
             if settlement.dead_letter:

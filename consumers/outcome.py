@@ -2,7 +2,7 @@
 
 The transitions, each named by a test in tests/unit/test_outcome.py:
 - invalid                    -> error reply (when reply_to is usable) + dead letter with its code, no retry;
-- applied                    -> the reply: queries at once, commands through the outbox (already committed);
+- applied                    -> the reply (its events are committed to the outbox);
 - not yet (revoke overtook)  -> retry copy while the revoke window lasts, then NOT_FOUND reply + dead letter;
 - transient fault            -> retry copy while `retry_delays_s` lasts, then UNAVAILABLE reply + dead letter;
 - refused value (class 22/54)-> INVALID_MESSAGE reply + dead letter at once: the database refuses it every time;
@@ -66,7 +66,7 @@ def decide(item: Item, settings: retry.RetrySettings, now: dt.datetime, dlq: str
         return _fault(item, settings, dlq)
     processed = item.processed
     assert processed is not None, "an item is settled only once it has an end state"
-    reply = processed.reply if processed.direct_reply and answer else None
+    reply = processed.reply if answer else None
     return Settlement(processed.outcome, "handled", reply=reply)
 
 

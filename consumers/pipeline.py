@@ -1,6 +1,8 @@
 """From an AMQP delivery to a committed answer: parse and check the envelope, authorise, apply the message once
-(inbox), and queue its reply and events (outbox) in the same transaction. No pika here: the loop in
-`consumers.loop` feeds it deliveries and owns acks, retries and dead letters."""
+(inbox, which keeps its reply) and queue its events (outbox) in the same transaction. No pika here: the loop in
+`consumers.loop` feeds it deliveries, publishes the replies once the transaction is committed and owns acks,
+retries and dead letters. (A reply needs no outbox row: the delivery is acknowledged only once its reply is with
+the broker, and a redelivery after a crash is answered from the inbox.)"""
 from __future__ import annotations
 
 import datetime as dt
@@ -70,7 +72,6 @@ class Parsed:
 class Processed:
     reply: Reply | None
     outcome: str  # what the log line says: OK, an INFO/ERROR code, DUPLICATE
-    direct_reply: bool = False  # queries answer at once instead of through the outbox
     more: bool = False
 
 
@@ -148,13 +149,13 @@ def process(parsed: Parsed, uow: Any, policy: Policy, now: dt.datetime | None = 
         ctx = replace(ctx, caller=authorize(parsed, policy))
     except Refused as refusal:
         # Not remembered in the inbox: the same message_id from an entitled sender must still apply.
-        return _answer(parsed, uow, reply_for_refusal(refusal, ctx.request_id), [], refusal.code)
+        return Processed(reply_for_refusal(refusal, ctx.request_id), refusal.code)
     if parsed.route.query:
         return _query(parsed, uow, ctx)
     seen = uow.inbox.get(parsed.message_id)
     if seen is not None:
         reply = Reply.model_validate(seen["reply"])
-        return _answer(parsed, uow, reply, [], "DUPLICATE")
+        return Processed(reply, "DUPLICATE")
     try:
         handled: Handled = parsed.route.handler(parsed.message, uow, ctx)
     except Refused as refusal:
@@ -167,7 +168,10 @@ def process(parsed: Parsed, uow: Any, policy: Policy, now: dt.datetime | None = 
         return Processed(None, "IN_PROGRESS", more=True)
     assert handled.reply is not None
     uow.inbox.add(parsed.message_id, parsed.envelope.routing_key, handled.reply.model_dump(mode="json"))
-    return _answer(parsed, uow, handled.reply, _event_messages(handled, parsed.trace), _outcome(handled.reply))
+    events = _event_messages(handled, parsed.trace)
+    if events:
+        uow.outbox.add(events)
+    return Processed(handled.reply, _outcome(handled.reply))
 
 
 def _query(parsed: Parsed, uow: Any, ctx: Context) -> Processed:
@@ -177,23 +181,7 @@ def _query(parsed: Parsed, uow: Any, ctx: Context) -> Processed:
         if refusal.code == Code.INVALID_MESSAGE.value:  # e.g. a tampered page_token: answered and dead-lettered
             raise Invalid(Code.INVALID_MESSAGE, refusal.message) from None
         reply = reply_for_refusal(refusal, ctx.request_id)
-    return Processed(reply, _outcome(reply), direct_reply=True)
-
-
-def _answer(parsed: Parsed, uow: Any, reply: Reply, events: list[OutboxMessage], outcome: str) -> Processed:
-    messages = list(events)
-    if parsed.envelope.reply_to:
-        messages.append(reply_message(parsed.envelope, reply, parsed.trace))
-    if messages:
-        uow.outbox.add(messages)
-    return Processed(reply, outcome)
-
-
-def reply_message(envelope: Envelope, reply: Reply, trace: Mapping[str, str]) -> OutboxMessage:
-    assert envelope.reply_to is not None
-    return OutboxMessage(kind="reply", exchange="", routing_key=envelope.reply_to,
-                         message_id=f"reply-{reply.request_id}", correlation_id=envelope.reply_correlation_id,
-                         body=reply.model_dump_json().encode(), headers=trace)
+    return Processed(reply, _outcome(reply))
 
 
 def _event_messages(handled: Handled, trace: Mapping[str, str]) -> list[OutboxMessage]:

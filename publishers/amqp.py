@@ -27,6 +27,10 @@ from urllib.parse import urlsplit
 import pika
 from pika.exceptions import AMQPConnectionError
 
+from publishers import frames
+
+frames.install()  # every connection of the service is opened through this module
+
 BLOCKED_CONNECTION_TIMEOUT_S = 120  # a broker alarm that never clears ends in a reconnect
 
 

@@ -1,10 +1,16 @@
-"""Publishing straight from a consumer thread, on that thread's own connection (pika is not thread-safe):
-query replies, error replies to invalid messages, retry copies and dead letters.
+"""Publishing straight from a consumer thread, on that thread's own connection (pika is not thread-safe): every
+reply, retry copies and dead letters.
 
-The channel is in confirm mode and every publish waits for the broker's ack, so the loop acknowledges a delivery
-only once what replaces it is safely with the broker. A nack raises `NackError`; a copy that no queue takes
-(`mandatory=True`, e.g. an operator deleted the DLQ) raises `UnroutableError`. Replies are published with
-`mandatory=False`: a requester that went away (its reply queue is gone) must not hold anything up.
+Replies (`ReplyBatch`) go out after the batch's commit and before its acks, in one AMQP transaction per batch:
+`tx.commit-ok` comes once the broker holds every reply of it, so the loop acknowledges a delivery only once its
+reply is safely with the broker, at the cost of one round trip per batch (pika's BlockingChannel in confirm mode
+waits for every publish's confirm: a round trip per reply). A crash after the database commit and before the acks
+loses nothing: the broker redelivers, and the inbox answers with the stored reply (CONTRACT §2, §8). Replies are
+published without `mandatory`: a requester that went away (its reply queue is gone) must not hold anything up.
+
+Retry copies and dead letters (`DirectPublisher`) are rare: each waits for its own confirm. A nack raises
+`NackError`; a copy that no queue takes (`mandatory=True`, e.g. an operator deleted the DLQ) raises
+`UnroutableError`.
 """
 from __future__ import annotations
 
@@ -15,11 +21,35 @@ import pika
 from pika.exceptions import NackError, UnroutableError
 
 from contracts.replies import Reply
-from storage.outbox import OutboxMessage
 
-__all__ = ["DirectPublisher", "NackError", "UnroutableError", "copy_properties"]
+__all__ = ["DirectPublisher", "NackError", "ReplyBatch", "UnroutableError", "copy_properties"]
 
 PERSISTENT = pika.DeliveryMode.Persistent
+
+
+class ReplyBatch:
+    """Wraps a BlockingChannel (opened for replies only) in transaction mode; `commit()` once per batch."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        channel.tx_select()
+        self.pending = 0
+
+    def add(self, reply_to: str, reply: Reply, *, correlation_id: str | None,
+            headers: Mapping[str, Any] | None = None) -> None:
+        """A reply to the default exchange with `reply_to` as routing key (works with amq.rabbitmq.reply-to);
+        `headers`: the trace context of the handling it answers. Sent now, delivered at `commit()`."""
+        properties = pika.BasicProperties(content_type="application/json", delivery_mode=PERSISTENT,
+                                          message_id=f"reply-{reply.request_id}", correlation_id=correlation_id,
+                                          headers=dict(headers) if headers else None)
+        self.channel.basic_publish("", reply_to, reply.model_dump_json().encode(), properties)
+        self.pending += 1
+
+    def commit(self) -> None:
+        """Returns once the broker holds every reply added since the last commit."""
+        if self.pending:
+            self.channel.tx_commit()
+            self.pending = 0
 
 
 class DirectPublisher:
@@ -28,24 +58,6 @@ class DirectPublisher:
     def __init__(self, channel: Any) -> None:
         self.channel = channel
         channel.confirm_delivery()
-
-    def reply(self, reply_to: str, reply: Reply, *, correlation_id: str | None,
-              headers: Mapping[str, Any] | None = None) -> None:
-        """A reply to the default exchange with `reply_to` as routing key (works with amq.rabbitmq.reply-to);
-        `headers`: the trace context of the handling it answers."""
-        self.message(OutboxMessage(kind="reply", exchange="", routing_key=reply_to,
-                                   message_id=f"reply-{reply.request_id}", correlation_id=correlation_id,
-                                   body=reply.model_dump_json().encode(), headers=headers or {}))
-
-    def message(self, message: OutboxMessage) -> None:
-        """An outbox-shaped message (as `pipeline.reply_message` builds one), published at once."""
-        mandatory = message.kind != "reply"
-        properties = pika.BasicProperties(
-            content_type=message.content_type, delivery_mode=PERSISTENT, message_id=message.message_id,
-            correlation_id=message.correlation_id, headers=dict(message.headers) or None,
-            type=message.routing_key if message.kind == "event" else None)
-        self.channel.basic_publish(message.exchange, message.routing_key, message.body, properties,
-                                   mandatory=mandatory)
 
     def copy(self, queue: str, body: bytes, properties: pika.BasicProperties) -> None:
         """A retry copy or a dead letter, straight into `queue` (default exchange); raises unless confirmed."""

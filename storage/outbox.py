@@ -87,9 +87,10 @@ class SqlOutbox:
             for m in messages])
 
 
-def notify(conn: Connection) -> None:
-    """Tell a listening relay (publishers.wakeup) that rows are coming; delivered when the transaction commits."""
-    conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+def notify(conn: Any) -> None:
+    """Tell a listening relay (publishers.wakeup) that rows are coming; delivered when the transaction commits.
+    Queued on the unit of work's `BufferedConnection` behind its inserts: it costs no round trip of its own."""
+    conn.defer_statement("SELECT pg_notify(%(channel)s, '')", {"channel": NOTIFY_CHANNEL})
 
 
 def erase_purged(conn: Connection, certificate_ids: Sequence[str]) -> None:

@@ -120,7 +120,7 @@ class SqlUnitOfWork:
             outbox_store.erase_purged(conn, sorted(self.certificates.purged))  # flushes them first)
             self.certificates.purged.clear()
         if self.outbox.added:
-            outbox_store.notify(conn)  # flushes the buffered writes too
+            outbox_store.notify(conn)
             self.outbox.added = False
         conn.flush()
         conn.commit()

@@ -1,6 +1,6 @@
 """A batch of messages in one transaction, with buffered writes and a warm-up (storage.writes, SqlUnitOfWork.warm):
 the message loop's `_handle` driven with hand-made deliveries against the real database, the broker replaced by
-a recorder (what is published directly and what is acknowledged). What each message gets must not depend on the
+a recorder (what is published and what is acknowledged). What each message gets must not depend on the
 batching: duplicates in one batch, a failing message in the middle, the outbox order, two transactions racing
 for one certificate id, a purge racing with a register.
 """
@@ -64,7 +64,7 @@ def _empty_tables(engine):
 
 
 class Recorder:
-    """Stands in for the consumer's channel and its direct publisher."""
+    """Stands in for the consumer's channel, its reply batch and its direct publisher."""
 
     def __init__(self) -> None:
         self.acked: list[tuple[int, bool]] = []
@@ -72,10 +72,15 @@ class Recorder:
         self.rejected: list[tuple[int, bool]] = []
         self.replies: list[tuple[str, Any]] = []
         self.reply_tos: list[str] = []
+        self.reply_headers: list[Any] = []
         self.copies: list[tuple[str, bytes, Any]] = []
+        self.commits = 0  # reply transactions
+        self.acked_after_commit = True
 
     # channel
     def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        if self.replies and not self.commits:
+            self.acked_after_commit = False
         self.acked.append((delivery_tag, multiple))
 
     def basic_nack(self, delivery_tag: int, multiple: bool = False, requeue: bool = True) -> None:
@@ -84,10 +89,16 @@ class Recorder:
     def basic_reject(self, delivery_tag: int, requeue: bool = True) -> None:
         self.rejected.append((delivery_tag, requeue))
 
-    # publisher
-    def reply(self, reply_to: str, reply: Any, *, correlation_id: str | None, headers: Any = None) -> None:
+    # reply batch
+    def add(self, reply_to: str, reply: Any, *, correlation_id: str | None, headers: Any = None) -> None:
         self.replies.append((correlation_id or "", reply))
         self.reply_tos.append(reply_to)
+        self.reply_headers.append(headers)
+
+    def commit(self) -> None:
+        self.commits += 1
+
+    # publisher
 
     def copy(self, queue: str, body: bytes, properties: Any) -> None:
         self.copies.append((queue, body, properties))
@@ -104,7 +115,7 @@ def consumer(engine, batching_url) -> tuple[Consumer, Recorder]:
                         retry_delays_s=[0.1, 0.2, 0.5])
     worker = Consumer(QUEUE, settings, engine)
     recorder = Recorder()
-    worker._channel = worker._publisher = recorder
+    worker._channel = worker._publisher = worker._replies = recorder
     return worker, recorder
 
 
@@ -134,11 +145,13 @@ def outbox_rows(engine) -> list[dict[str, Any]]:
     return [{**r._asdict(), "body": json.loads(bytes(r.body))} for r in rows]
 
 
-def replies_by_request(engine) -> dict[str, list[dict[str, Any]]]:
+def replies_by_request(*recorders: Recorder) -> dict[str, list[dict[str, Any]]]:
+    """What was answered, by request, as the requester reads it."""
     found: dict[str, list[dict[str, Any]]] = {}
-    for row in outbox_rows(engine):
-        if row["kind"] == "reply":
-            found.setdefault(row["correlation_id"], []).append(row["body"])
+    for recorder in recorders:
+        assert recorder.acked_after_commit, "a delivery was acknowledged before its reply was with the broker"
+        for correlation_id, reply in recorder.replies:
+            found.setdefault(correlation_id, []).append(reply.model_dump(mode="json"))
     return found
 
 
@@ -170,15 +183,15 @@ def test_a_batch_of_new_registrations_is_one_transaction_of_a_few_statements(eng
     batch = [delivery(register_body(patient_id=patient(n))) for n in range(30)]
     with Statements(engine) as statements:
         worker._handle(batch)
-    replies = replies_by_request(engine)
+    replies = replies_by_request(recorder)
     assert [replies[d.properties.message_id][0]["result"] for d in batch] == ["OK"] * 30
     assert recorder.acked == [(batch[-1].tag, True)] and not recorder.copies
     assert count(engine, certificates) == count(engine, inbox) == 30
     # warm-up, one executemany per table (sent in chunks while the batch runs), the purge check, commit: no
     # statement per message
     assert len(statements.seen) < 30, statements.seen
-    # the warm-up, the purge check and the NOTIFY for a relay in another process
-    assert statements.seen.count("SELECT") == 3, statements.seen
+    # the warm-up and the purge check (the NOTIFY for a relay in another process rides the inserts' pipeline)
+    assert statements.seen.count("SELECT") == 2, statements.seen
 
 
 def test_two_registers_of_one_id_in_one_batch_same_content_is_already_exists(engine, batching_url):
@@ -186,7 +199,7 @@ def test_two_registers_of_one_id_in_one_batch_same_content_is_already_exists(eng
     body = register_body()
     first, second = delivery(body), delivery(copy.deepcopy(body))
     worker._handle([first, second])
-    replies = replies_by_request(engine)
+    replies = replies_by_request(recorder)
     assert replies[first.properties.message_id][0]["result"] == "OK"
     assert replies[second.properties.message_id][0]["code"] == "ALREADY_EXISTS"
     assert count(engine, certificates) == 1
@@ -195,13 +208,13 @@ def test_two_registers_of_one_id_in_one_batch_same_content_is_already_exists(eng
 
 
 def test_two_registers_of_one_id_in_one_batch_other_content_is_a_conflict(engine, batching_url):
-    worker, _ = consumer(engine, batching_url)
+    worker, recorder = consumer(engine, batching_url)
     body = register_body()
     other = copy.deepcopy(body)
     other["certificate"]["document"]["content"] = "<intyg>ändrat</intyg>"
     first, second = delivery(body), delivery(other)
     worker._handle([first, second])
-    replies = replies_by_request(engine)
+    replies = replies_by_request(recorder)
     assert replies[first.properties.message_id][0]["result"] == "OK"
     assert replies[second.properties.message_id][0]["code"] == "CONFLICT"
     with engine.connect() as conn:
@@ -215,7 +228,7 @@ def test_a_duplicate_message_id_in_one_batch_gets_the_same_reply_and_no_second_e
     first = delivery(body, "dup-1")
     again = delivery(copy.deepcopy(body), "dup-1")
     worker._handle([first, delivery(register_body()), again])
-    replies = replies_by_request(engine)["dup-1"]
+    replies = replies_by_request(recorder)["dup-1"]
     assert len(replies) == 2 and replies[0] == replies[1] and replies[0]["result"] == "OK"
     assert count(engine, certificates) == 2 and count(engine, inbox) == 2
     events = [r for r in outbox_rows(engine) if r["kind"] == "event"]
@@ -232,13 +245,12 @@ def test_an_invalid_message_in_the_middle_is_dead_lettered_and_the_rest_of_the_b
     after = [delivery(register_body()) for _ in range(3)]
     worker._handle([*before, unknown_field, bad_patient, unknown_type, *after])
 
-    replies = replies_by_request(engine)
+    replies = replies_by_request(recorder)
     for d in before + after:
         assert replies[d.properties.message_id][0]["result"] == "OK"
     assert replies[unknown_type.properties.message_id][0]["code"] == "UNKNOWN_CERTIFICATE_TYPE"
-    direct = {cid: reply.code.value for cid, reply in recorder.replies}
-    assert direct == {unknown_field.properties.message_id: "INVALID_MESSAGE",
-                      bad_patient.properties.message_id: "INVALID_PERSONNUMMER"}
+    assert replies[unknown_field.properties.message_id][0]["code"] == "INVALID_MESSAGE"
+    assert replies[bad_patient.properties.message_id][0]["code"] == "INVALID_PERSONNUMMER"
     assert sorted(recorder.dead_lettered()) == sorted([unknown_field.properties.message_id,
                                                        bad_patient.properties.message_id])
     assert count(engine, certificates) == 6
@@ -261,12 +273,12 @@ def test_hostile_properties_harm_only_their_own_message(engine, batching_url):
            hostile(reply_to="recipient.FKASSA"), hostile(correlation_id=b"\xc3\x28", reply_to=REPLY_TO)]
     worker._handle([good[0], *bad, good[1]])
 
-    replies = replies_by_request(engine)
+    replies = replies_by_request(recorder)
     assert all(replies[d.properties.message_id][0]["result"] == "OK" for d in good)
     assert count(engine, certificates) == 2
     assert recorder.retried() == [] and len(recorder.dead_lettered()) == 4
     assert set(recorder.reply_tos) == {REPLY_TO}  # nothing to recipient.FKASSA
-    direct = [reply for _, reply in recorder.replies]
+    direct = [reply for _, reply in recorder.replies if reply.code is not None]
     assert [r.code.value for r in direct] == ["INVALID_MESSAGE"] * 3
     assert {r.request_id for r in direct} == {"", bad[3].properties.message_id}
     assert recorder.acked == [(good[1].tag, True)] and not recorder.rejected
@@ -314,9 +326,9 @@ def test_a_message_whose_insert_fails_at_the_flush_fails_alone(engine, batching_
     worker._handle([good[0], good[1], broken, good[2], good[3]])
 
     assert savepoints, "fell back to a savepoint per message"
-    replies = replies_by_request(engine)
+    replies = replies_by_request(recorder)
     assert all(replies[d.properties.message_id][0]["result"] == "OK" for d in good)
-    assert broken.properties.message_id not in replies
+    assert [r["code"] for r in replies[broken.properties.message_id]] == ["INVALID_MESSAGE"]
     # a value the database refuses would be refused again: dead-lettered at once, never retried
     assert recorder.retried() == [] and recorder.dead_lettered() == [broken.properties.message_id]
     assert count(engine, certificates) == 4 and count(engine, inbox) == 4
@@ -328,12 +340,8 @@ def test_the_outbox_keeps_the_order_of_the_messages_across_a_batch(engine, batch
     batch = [delivery(register_body(patient_id=patient(n))) for n in range(40)]
     worker._handle(batch)
     rows = outbox_rows(engine)
-    expected = []
-    for d in batch:
-        certificate_id = json.loads(d.body)["certificate"]["id"]
-        expected += [("event", certificate_id), ("reply", d.properties.message_id)]
-    got = [(r["kind"], r["body"]["certificate_id"] if r["kind"] == "event" else r["correlation_id"]) for r in rows]
-    assert got == expected
+    expected = [("event", json.loads(d.body)["certificate"]["id"]) for d in batch]
+    assert [(r["kind"], r["body"]["certificate_id"]) for r in rows] == expected
     assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
 
 
@@ -434,12 +442,15 @@ def test_two_consumers_registering_one_id_at_once_one_wins_the_other_answers_aft
     for t in threads:
         t.join(30)
     same = [batch_a[-1], batch_b[0]]
+    recorders = [rec_a, rec_b]
     for recorder in (rec_a, rec_b):  # anything retried comes back to the queue and runs again
         for queue, raw, props in list(recorder.copies):
             assert ".retry." in queue, queue
             again = Delivery(next(_tags), "", QUEUE, props, raw)
-            consumer(engine, batching_url)[0]._handle([again])
-    replies = replies_by_request(engine)
+            retrier, retrier_recorder = consumer(engine, batching_url)
+            retrier._handle([again])
+            recorders.append(retrier_recorder)
+    replies = replies_by_request(*recorders)
     answers = sorted(replies[d.properties.message_id][0]["code"] or "OK" for d in same)
     assert answers == ["ALREADY_EXISTS", "OK"]
     assert count(engine, certificates) == 11
@@ -496,7 +507,6 @@ def test_with_tracing_off_no_span_is_started_and_the_senders_trace_context_goes_
     message.properties.headers = {"traceparent": traceparent}
     worker._handle([message])
     with engine.connect() as conn:
-        headers = conn.execute(select(outbox.c.headers).where(
-            outbox.c.correlation_id == message.properties.message_id)).scalar_one()
-    assert headers == {"traceparent": traceparent}
+        event_headers = conn.execute(select(outbox.c.headers).where(outbox.c.kind == "event")).scalar_one()
+    assert event_headers == {"traceparent": traceparent} and recorder.reply_headers == [{"traceparent": traceparent}]
     assert recorder.acked == [(message.tag, True)]

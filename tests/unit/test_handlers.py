@@ -13,7 +13,7 @@ from contracts.registry import EVENTS
 from contracts.topology import ACCESS_LOGGED
 from domain.model import Catalogue, Recipient
 
-from .harness import CATALOGUE, Service, code, factories, policy
+from .harness import CATALOGUE, REPLY_TO, Service, code, factories, policy
 
 PATIENT, OTHER_PATIENT = factories.PATIENT, factories.OTHER_PATIENT
 CARE_GIVER, OTHER_CARE_GIVER, CARE_UNIT = factories.CARE_GIVER, factories.OTHER_CARE_GIVER, factories.CARE_UNIT
@@ -101,9 +101,7 @@ def test_same_message_id_is_applied_once_and_answered_the_same(service):
     assert service.uow.state.inbox["once"] == {"message_type": "certificate.register",
                                                "reply": first.model_dump(mode="json")}
     assert len(events) == 1
-    replies = [m for m in service.uow.state.outbox if m.kind == "reply"]
-    assert [m.body for m in replies[-2:]] == [replies[-1].body] * 2
-    assert replies[-1].correlation_id == "once"  # no correlation_id: the message_id
+    assert service.replies[-2:] == [(REPLY_TO, "once", first)] * 2  # no correlation_id: the message_id
 
 
 def test_a_refusal_is_remembered_too(service):
@@ -119,7 +117,7 @@ def test_a_refusal_is_remembered_too(service):
 def test_correlation_id_is_copied_to_the_reply(service):
     service.deliver(service.envelope("consent.set", {"patient_id": PATIENT, "given": True},
                                      correlation_id="corr-1"))
-    assert [m for m in service.uow.state.outbox if m.kind == "reply"][-1].correlation_id == "corr-1"
+    assert service.replies[-1][1] == "corr-1"
 
 
 def test_a_command_without_reply_to_is_applied_without_a_reply(service):
@@ -343,7 +341,6 @@ def test_care_giver_leaving_applies_the_rule_to_each_certificate(batch):
     assert sorted((k, e["certificate_id"]) for k, e in events) == [
         ("certificate.care-copy-removed", "consented-1"), ("certificate.care-copy-removed", "consented-2"),
         ("certificate.purged", "unconsented-0"), ("certificate.purged", "unconsented-1")]
-    assert [m.kind for m in service.uow.state.outbox][-1] == "reply"  # the reply comes after every event
     assert set(service.uow.state.certificates) == {"consented-0", "consented-1", "consented-2", "other-giver"}
     assert sorted(service.citizen_ids()) == ["consented-0", "consented-1", "consented-2", "other-giver"]
     assert service.care_ids() == [] and code(service.get_for_care("other-giver", OTHER_CARE_GIVER)) == "OK"

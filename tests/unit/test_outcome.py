@@ -55,13 +55,17 @@ def test_invalid_without_a_usable_reply_to_is_only_dead_lettered():
     assert s.reply is None and s.dead_letter
 
 
-def test_applied_query_is_answered_at_once_and_a_command_through_the_outbox():
+def test_an_applied_message_is_answered_after_the_commit_and_nothing_more():
     it = item()
-    it.processed = Processed(Reply.ok("m-1"), "OK", direct_reply=True)
-    assert decide(it, S(), NOW, DLQ).reply == Reply.ok("m-1")
     it.processed = Processed(Reply.ok("m-1"), "OK")
     s = decide(it, S(), NOW, DLQ)
-    assert s.reply is None and not s.dead_letter and s.retry is None and s.outcome == "OK"
+    assert s.reply == Reply.ok("m-1") and not s.dead_letter and s.retry is None and s.outcome == "OK"
+
+
+def test_an_applied_message_without_reply_to_is_not_answered():
+    it = item(reply_to=None)
+    it.processed = Processed(Reply.ok("m-1"), "OK")
+    assert decide(it, S(), NOW, DLQ).reply is None
 
 
 def test_a_revoke_that_overtook_its_register_waits_then_is_dead_lettered_not_found():
