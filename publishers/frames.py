@@ -9,6 +9,9 @@ socket does not take stays at the front of the buffer, as pika's own loop leaves
 `install()` replaces `_AsyncTransportBase._produce` (used by the plain and the TLS transport, and under every
 BlockingConnection) and refuses to, leaving pika as it is, if that method or the buffer it works on is not
 where pika 1.3 keeps them.
+
+`publish_buffered()` is a BlockingChannel's publish without the flush that follows each one, so that the replies
+of a batch wait in the transmit buffer and leave with their `tx.commit` in one `send()`.
 """
 from __future__ import annotations
 
@@ -37,6 +40,15 @@ def produce(transport: Any) -> None:
         if sent < len(chunk):
             buffers.appendleft(chunk[sent:])
         transport._tx_buffered_byte_count -= sent
+
+
+def publish_buffered(channel: Any, exchange: str, routing_key: str, body: bytes, properties: Any) -> None:
+    """Queue a publish on a BlockingChannel (not in confirm mode); it is sent at the connection's next I/O."""
+    impl = getattr(channel, "_impl", None)  # the pika Channel a BlockingChannel drives
+    if impl is None:
+        channel.basic_publish(exchange, routing_key, body, properties)
+    else:
+        impl.basic_publish(exchange=exchange, routing_key=routing_key, body=body, properties=properties)
 
 
 def install() -> bool:

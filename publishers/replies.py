@@ -21,6 +21,7 @@ import pika
 from pika.exceptions import NackError, UnroutableError
 
 from contracts.replies import Reply
+from publishers import frames
 
 __all__ = ["DirectPublisher", "NackError", "ReplyBatch", "UnroutableError", "copy_properties"]
 
@@ -38,11 +39,11 @@ class ReplyBatch:
     def add(self, reply_to: str, reply: Reply, *, correlation_id: str | None,
             headers: Mapping[str, Any] | None = None) -> None:
         """A reply to the default exchange with `reply_to` as routing key (works with amq.rabbitmq.reply-to);
-        `headers`: the trace context of the handling it answers. Sent now, delivered at `commit()`."""
+        `headers`: the trace context of the handling it answers. Sent, with the others, at `commit()`."""
         properties = pika.BasicProperties(content_type="application/json", delivery_mode=PERSISTENT,
                                           message_id=f"reply-{reply.request_id}", correlation_id=correlation_id,
                                           headers=dict(headers) if headers else None)
-        self.channel.basic_publish("", reply_to, reply.model_dump_json().encode(), properties)
+        frames.publish_buffered(self.channel, "", reply_to, reply.model_dump_json().encode(), properties)
         self.pending += 1
 
     def commit(self) -> None:

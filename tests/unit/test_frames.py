@@ -70,3 +70,20 @@ def test_it_leaves_a_pika_it_does_not_know_alone(monkeypatch, missing):
     monkeypatch.setattr(frames, "_Transport", Other)
     monkeypatch.delattr(Other, missing)
     assert frames.install() is False
+
+
+def test_a_buffered_publish_is_sent_by_the_next_io_not_at_once():
+    calls = []
+
+    class Impl:
+        def basic_publish(self, **kwargs):
+            calls.append(("queued", kwargs["routing_key"]))
+
+    class Channel:
+        _impl = Impl()
+
+        def basic_publish(self, *args):
+            calls.append(("flushed", args[1]))
+
+    frames.publish_buffered(Channel(), "", "reply-queue", b"{}", None)
+    assert calls == [("queued", "reply-queue")]
