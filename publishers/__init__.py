@@ -1,2 +1,2 @@
-"""Publishing to RabbitMQ: the outbox relay (events and replies committed with their change) and direct
-publishing from a consumer thread (query replies, error replies, retry copies, dead letters)."""
+"""Publishing to RabbitMQ: the outbox relay (events committed with their change) and publishing from a consumer
+thread (every reply, once its batch is committed; retry copies, dead letters)."""

@@ -1,5 +1,7 @@
-"""The transactional outbox: replies and events are written in the transaction that made the change, and a relay
-publishes them afterwards (CONTRACT §8: change, events and reply are atomic; published at least once).
+"""The transactional outbox: events are written in the transaction that made the change, and a relay publishes
+them afterwards (CONTRACT §8: change, events and reply are atomic; published at least once). Replies no longer
+come this way (the inbox keeps a command's reply, and the message loop publishes it after the commit); the relay
+still publishes reply rows that a service older than issue 10 wrote, so an upgrade in place loses none.
 
 Order: ids are a sequence, and two changes to one certificate are serialised by its row lock, so a certificate's
 later rows always get higher ids. Each event row carries its certificate id as `ordering_key`; a batch takes at

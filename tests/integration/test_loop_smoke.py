@@ -1,5 +1,5 @@
 """A smoke test of the running service, in-process (threads), against the real broker and database: a command
-gets its reply through the outbox, a query its direct reply, garbage lands in the DLQ, a revoke that never finds
+gets its reply once committed, a query its reply, garbage lands in the DLQ, a revoke that never finds
 its register is retried and then dead-lettered, a database that is down sends messages down the retry path, and
 the service stops cleanly."""
 from __future__ import annotations
