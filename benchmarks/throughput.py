@@ -132,6 +132,7 @@ class Run:
     timed_out: bool = False
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used during the run, by process group
     peak_rss_mb: float = 0.0  # resident memory of the process(es) under test, summed, at its highest
+    peak_pss_mb: float = 0.0  # the same as PSS: a page shared by N of them counts 1/N in each, so once in the sum
 
     @property
     def elapsed(self) -> float:
@@ -207,22 +208,26 @@ class CpuMeter:
 
     def begin(self) -> None:
         self.start = self.snapshot()
-        self.peak_rss_mb = 0.0
+        self.peak_rss_mb = self.peak_pss_mb = 0.0
         self._sampling = threading.Event()
         threading.Thread(target=self._sample_rss, daemon=True).start()
 
     def _sample_rss(self) -> None:
-        """The resident memory of the process(es) under test, summed, every half second; keeps the peak."""
+        """The resident memory of the process(es) under test, summed, every half second, as RSS and as PSS (shared
+        pages counted once; /proc/PID/smaps_rollup); keeps the peak of each."""
         page = os.sysconf("SC_PAGE_SIZE")
         while not self._sampling.wait(0.5):
-            total = 0
+            total = pss_kb = 0
             for pid in family(self.server_pids(), parents()):
                 try:
                     with open(f"/proc/{pid}/statm") as f:
                         total += int(f.read().split()[1]) * page
+                    with open(f"/proc/{pid}/smaps_rollup") as f:
+                        pss_kb += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
                 except OSError:
                     continue
             self.peak_rss_mb = max(self.peak_rss_mb, total / 2**20)
+            self.peak_pss_mb = max(self.peak_pss_mb, pss_kb / 2**10)
 
     def end(self) -> dict[str, float]:
         self._sampling.set()
@@ -744,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
                 meter.begin()
                 run = drive(target, f"{target.name} {round_}", count=args.registrations, window=args.window)
                 run.cpu = meter.end()
-                run.peak_rss_mb = meter.peak_rss_mb
+                run.peak_rss_mb, run.peak_pss_mb = meter.peak_rss_mb, meter.peak_pss_mb
                 results[target.key].append(run)
                 print(f"({target.key}) round {round_}: {args.registrations / run.elapsed:.0f}/s; {describe(run)}",
                       flush=True)
@@ -802,9 +807,9 @@ def backlog(target: Target, args: argparse.Namespace, drive: Callable[..., Run])
     finally:
         signal_all(signal.SIGCONT)
     run.cpu = meter.end()
-    run.peak_rss_mb = meter.peak_rss_mb
-    print(f"(backlog) {args.backlog} registrations: peak resident memory {run.peak_rss_mb:.0f} MB; {describe(run)}",
-          flush=True)
+    run.peak_rss_mb, run.peak_pss_mb = meter.peak_rss_mb, meter.peak_pss_mb
+    print(f"(backlog) {args.backlog} registrations: peak resident memory {run.peak_rss_mb:.0f} MB (RSS), "
+          f"{run.peak_pss_mb:.0f} MB (PSS); {describe(run)}", flush=True)
     return run
 
 
@@ -838,6 +843,7 @@ def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str
                    for g in ("server", "broker", "postgres", "client")}
             row("    CPU ms per message of the process(es)", per["server"], "ms", 2)
             row("    peak resident memory of the process(es)", [r.peak_rss_mb for r in results[key]], "MB")
+            row("    ... as PSS (shared pages counted once)", [r.peak_pss_mb for r in results[key]], "MB")
             print(f"{'':4}median CPU ms per message: broker {median(per['broker']):.2f}, postgres "
                   f"{median(per['postgres']):.2f}, client {median(per['client']):.2f}; other processes "
                   f"{median([r.cpu.get('other', 0) / max(1e-9, r.elapsed) for r in results[key]]):.2f} cores")
@@ -851,7 +857,8 @@ def print_table(args: argparse.Namespace, env: dict[str, str], results: dict[str
     if results.get("backlog"):
         run = results["backlog"][0]
         print(f"backlog: {args.backlog} registrations queued, then worked off: peak resident memory "
-              f"{run.peak_rss_mb:.0f} MB (≤ 250 MB: {'yes' if run.peak_rss_mb <= 250 else 'NO'})")
+              f"{run.peak_rss_mb:.0f} MB (≤ 250 MB: {'yes' if run.peak_rss_mb <= 250 else 'NO'}); "
+              f"as PSS (shared pages counted once) {run.peak_pss_mb:.0f} MB")
     for runs in results.values():
         for run in runs:
             if run.timed_out or run.nacked or len(run.replies) < run.sent:

@@ -25,13 +25,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from importlib import import_module
 from typing import Any
 
 import pika
 import structlog
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
-from consumers import batch, outcome, pipeline, retry, tracing
+from consumers import batch, outcome, pipeline, retry
 from consumers.batch import Item
 from consumers.envelope import Delivery, Reader
 from consumers.metrics import NO_METRICS, LoopMetrics
@@ -97,6 +99,8 @@ class Consumer(threading.Thread):
         self.index = index
         self.metrics = metrics
         self.tracer = tracer  # an opentelemetry Tracer when tracing is on; None: no spans, no attributes built
+        # `consumers.tracing`, loaded (with the OpenTelemetry API) only when there is a tracer to make spans with
+        self.spans: Any = import_module("consumers.tracing") if tracer is not None else None
         self.own_user = pika.URLParameters(settings.amqp_url).credentials.username
         self.signer = retry.Signer(settings.signing_key)
         self.reader = Reader(queue, self.own_user, self.signer)
@@ -245,14 +249,14 @@ class Consumer(threading.Thread):
         finally:
             for item in items:  # not settled (the session broke): the broker redelivers, a new span follows
                 if item.span is not None:
-                    tracing.finish(item.span, "REDELIVERED", failed=True)
+                    self.spans.finish(item.span, "REDELIVERED", failed=True)
 
     def _item(self, delivery: Delivery, now: dt.datetime, batch_size: int) -> Item:
         envelope, past = self.reader.read(delivery, now)
         item = Item(delivery, envelope, past)
         if self.tracer is not None:
-            item.span = tracing.start(self.tracer, self.queue, delivery, envelope, batch_size)
-            item.trace = tracing.headers(item.span)
+            item.span = self.spans.start(self.tracer, self.queue, delivery, envelope, batch_size)
+            item.trace = self.spans.headers(item.span)
         if self.queue == UNROUTED:  # §1: whatever arrives here has a type no service queue takes
             item.invalid = Invalid(Code.INVALID_MESSAGE, f"unknown message type {pipeline.quoted(envelope.routing_key)}")
         elif envelope.problem is None and envelope.routing_key not in SERVICE_QUEUES[self.queue]:
@@ -291,11 +295,11 @@ class Consumer(threading.Thread):
         span, item.span = item.span, None
         what, failed = "REDELIVERED", True  # unless settled: the connection broke, the broker redelivers it
         try:
-            with tracing.current(span):
+            with nullcontext() if span is None else self.spans.current(span):
                 settled, what, failed = self._publish_settlement(item, now)
         finally:
             if span is not None:
-                tracing.finish(span, what, failed=failed)
+                self.spans.finish(span, what, failed=failed)
         return settled
 
     def _publish_settlement(self, item: Item, now: dt.datetime) -> tuple[bool, str, bool]:

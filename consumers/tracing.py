@@ -1,6 +1,6 @@
 """Traces of handled messages (W3C trace context in AMQP headers), through `opentelemetry-api` only: the SDK and
 its exporter are set up by the composition root (`service.tracing`), which hands the consumers a tracer; without
-one (the default) nothing here runs, and no span attribute is ever built.
+one (the default) this module is not even imported (`consumers.loop`), and no span attribute is ever built.
 
 A message's `traceparent`/`tracestate` come only from `Envelope.trace` (checked and allow-listed by
 `consumers.envelope`); one the W3C propagator cannot parse is ignored and the message starts a new trace. The
@@ -11,7 +11,7 @@ a recipient's delivery, as children of that span.
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 from opentelemetry import trace
@@ -55,9 +55,9 @@ def headers(span: Span) -> dict[str, str]:
     return carrier
 
 
-def current(span: Span | None) -> AbstractContextManager[Any]:
-    """Make `span` the active one (log lines then carry its ids); nothing when there is no span."""
-    return nullcontext() if span is None else trace.use_span(span, end_on_exit=False)
+def current(span: Span) -> AbstractContextManager[Any]:
+    """Make `span` the active one (log lines then carry its ids)."""
+    return trace.use_span(span, end_on_exit=False)
 
 
 def finish(span: Span, outcome: str, *, failed: bool) -> None:

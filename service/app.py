@@ -15,24 +15,27 @@ At start-up, migration and topology wait (with the same back-off) for a database
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pika.exceptions import AMQPConnectionError
 
-from consumers.loop import Backoff, Consumer, consumer_count, make_consumers
 from consumers.metrics import NO_METRICS, LoopMetrics
 from contracts.topology import CONSUMED_QUEUES
 from publishers.amqp import Broker
-from service import topology, tracing
+from service import topology
 from service.logging import get_logger
 from storage import migrate
 from storage.engine import make_engine
 from storage.errors import is_transient
 from storage.retention import Housekeeper, Retention
+
+if TYPE_CHECKING:
+    from consumers.loop import Consumer
 
 
 class StartupAborted(RuntimeError):
@@ -83,8 +86,12 @@ class Service:
     def start(self, *, ready_timeout: float = 60.0) -> None:
         settings = self.settings
         self.prepare()
+        threads = 0
+        if self.with_consumers:  # a relay's own process does without the message loop and all it handles
+            from consumers.loop import consumer_count, make_consumers
+
+            threads = sum(consumer_count(q, settings) for q in self.queues)
         # One connection per consumer thread, one held by the relay while it leads, one spare.
-        threads = sum(consumer_count(q, settings) for q in self.queues) if self.with_consumers else 0
         self.engine = make_engine(settings.database_url, pool_size=threads + 2, max_overflow=4)
         if self.with_relay:
             from publishers.relay import OutboxRelay
@@ -122,12 +129,18 @@ class Service:
                       relay=self.with_relay, batch_size=settings.batch_size, prefetch=settings.prefetch)
 
     def _tracer(self) -> Any:
+        if self._tracer_provider is None and not any(name.startswith("OTEL_") for name in os.environ):
+            return None  # tracing is asked for by OTEL_* variables only: without one, no OpenTelemetry is loaded
+        from service import tracing
+
         if self._tracer_provider is None:
             self._tracer_provider = tracing.provider_from_env()
             self._own_tracer_provider = self._tracer_provider is not None
         return self._tracer_provider.get_tracer(tracing.TRACER_NAME) if self._tracer_provider else None
 
     def _patiently(self, what: str, action: Callable[[], Any], worth_waiting: Callable[[BaseException], bool]) -> Any:
+        from consumers.loop import Backoff  # start-up of a process that migrates or declares: not the relay's
+
         backoff = Backoff(cap_s=self.settings.reconnect_max_s)
         while True:
             try:
@@ -169,6 +182,8 @@ class Service:
         if self.probes is not None:
             self.probes.stop()
         if self._own_tracer_provider:
+            from service import tracing
+
             tracing.shutdown(self._tracer_provider)
         self.log.info("service stopped")
 

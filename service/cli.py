@@ -60,17 +60,18 @@ def serve(
     """Run the service: migrate, declare the topology, start the outbox relay and the consumers.
 
     By default as supervised processes (service/supervisor.py): one relay and CONSUMER_PROCESSES consumer
-    processes, each restarted when it dies. Stops cleanly on SIGTERM or Ctrl-C: in-flight batches are finished and
-    acknowledged, the outbox is flushed, exit code 0.
+    processes, each restarted when it dies; this process becomes the supervisor (the same pid, a lean process
+    image). Stops cleanly on SIGTERM or Ctrl-C: in-flight batches are finished and acknowledged, the outbox is
+    flushed, exit code 0.
     """
     if no_relay and relay_only:
         raise typer.BadParameter("--no-relay and --relay-only exclude each other")
     settings = _settings()
-    _configure_logging(settings)
     if not (no_relay or relay_only or single_process):
-        from service.supervisor import Supervisor
+        from service.supervisor import become_supervisor
 
-        raise typer.Exit(Supervisor(settings).run())
+        become_supervisor(settings)
+    _configure_logging(settings)
     from service.app import Service
 
     service = Service(settings, consumers=not relay_only, relay=not no_relay)

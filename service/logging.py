@@ -13,7 +13,6 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
-from opentelemetry import trace
 
 from domain.privacy import patient_hash, scrub, set_salt
 
@@ -77,7 +76,11 @@ def _add_logger_name(logger: Any, _name: str, event_dict: MutableMapping[str, An
 
 def add_trace_ids(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: the ids of the active span, when there is one (a message being handled with tracing
-    on); costs one context lookup when there is none."""
+    on); costs one context lookup when there is none. No span can be active where OpenTelemetry was never
+    imported (tracing off), and this does not import it."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return event_dict
     context = trace.get_current_span().get_span_context()
     if context.is_valid:
         event_dict["trace_id"] = format(context.trace_id, "032x")

@@ -16,30 +16,45 @@ has said it is ready.
   parent dies (`prctl(PR_SET_PDEATHSIG)`). Children run in their own process group, so a terminal's Ctrl-C
   reaches only the supervisor, which stops them in order.
 
+`serve` hands over to the supervisor by replacing its own process image (`become_supervisor`: `os.execv` of
+`python -m service.supervisor`, the same pid, so signals and the exit code are the supervisor's): the command
+line's libraries (typer, rich, pydantic, SQLAlchemy, ...) are not kept in memory for the lifetime of the service.
+The supervisor and its children are this module run as `__main__`.
+
 `serve --single-process` keeps everything in one process (threads), as `--no-relay` and `--relay-only` do.
 """
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # structlog imports rich whenever it is installed (for a console renderer these processes never use: they log
+    # JSON); rich is the command line's, and it would cost every process of the family about 4 MB.
+    sys.modules.setdefault("rich", None)  # type: ignore[assignment]
+
 import argparse
 import ctypes
+import json
 import os
 import random
 import secrets
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, NoReturn
 
 from contracts.topology import CONSUMED_QUEUES
 from service.family_probes import FamilyProbes, free_port, port_free
-from service.logging import get_logger
+from service.logging import configure, get_logger
 
-# The supervisor imports little (no pika, SQLAlchemy, Alembic): it holds no connection and its resident memory
-# counts against the service's. The migration and the topology run in a short-lived child (PREPARE).
+# The supervisor imports little (no pika, SQLAlchemy, Alembic, pydantic): it holds no connection and its resident
+# memory counts against the service's. The migration and the topology run in a short-lived child (PREPARE).
+# What it reads of the settings, handed over by `serve`, which validated them all:
+HANDED_OVER = ("consumer_processes", "metrics_port", "reconnect_max_s", "log_level")
 PREPARE, RELAY, CONSUMERS, ORDER_FREE = "prepare", "relay", "consumers", "order-free"
 GIVE_UP_AFTER = 5  # deaths in a row, each within STABLE_S of its start
 STABLE_S = 30.0  # a child that lived this long counts as kept alive
@@ -241,6 +256,26 @@ class Supervisor:
         return clean
 
 
+# -- the supervisor's process ------------------------------------------------------------------------------------
+
+
+def become_supervisor(settings: Any) -> NoReturn:
+    """Replace this process (`serve`, with the command line's libraries loaded) by the supervisor: the same pid,
+    the settings it needs as an argument, the log salt (a secret: not on a command line) in the environment."""
+    if settings.log_salt:
+        os.environ["LOG_SALT"] = settings.log_salt
+    handed = json.dumps({name: getattr(settings, name) for name in HANDED_OVER})
+    sys.stdout.flush()  # execv discards what is still buffered
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "service.supervisor", "--settings", handed])
+
+
+def supervisor_main(handed: dict[str, Any]) -> int:
+    settings = SimpleNamespace(**handed, log_salt=os.environ.get("LOG_SALT", ""))
+    configure(settings.log_level, salt=settings.log_salt or None)
+    return Supervisor(settings).run()
+
+
 # -- a child ---------------------------------------------------------------------------------------------------
 
 
@@ -261,16 +296,10 @@ def child_queues(role: str) -> Sequence[str]:
     return CONSUMED_QUEUES
 
 
-def child_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.supervisor", description="a child of `serve`")
-    parser.add_argument("--role", choices=[PREPARE, RELAY, CONSUMERS, ORDER_FREE], required=True)
-    parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    args = parser.parse_args(argv)
+def child_main(args: argparse.Namespace) -> int:
     _die_with(args.parent)
 
     from service.app import Service, StartupAborted
-    from service.logging import configure
     from service.settings import Settings
 
     settings = Settings()
@@ -294,10 +323,28 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         os.close(args.ready_fd)
 
     relay = args.role == RELAY
-    service = Service(settings, consumers=not relay, relay=relay, queues=child_queues(args.role),
+    service = Service(settings, consumers=not relay, relay=relay, queues=None if relay else child_queues(args.role),
                       migrate_db=False, declare_topology=False, ready_line=f"{args.role} process ready")
     return service.run(on_ready=ready)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.supervisor",
+                                     description="`intygstjanst serve`'s processes: the supervisor (--settings, "
+                                                 "from `serve`) or one of its children (--role)")
+    parser.add_argument("--settings", type=json.loads, help="the supervisor's settings, as JSON")
+    parser.add_argument("--role", choices=[PREPARE, RELAY, CONSUMERS, ORDER_FREE])
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--parent", type=int)
+    args = parser.parse_args(argv)
+    if args.role is None:
+        if args.settings is None:
+            parser.error("--settings or --role is required")
+        return supervisor_main(args.settings)
+    if args.ready_fd is None or args.parent is None:
+        parser.error("a child needs --ready-fd and --parent")
+    return child_main(args)
+
+
 if __name__ == "__main__":
-    sys.exit(child_main())
+    sys.exit(main())
