@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Mapping
+from typing import Any
 
 # YYYYMMDDNNNN / YYMMDD-NNNN and friends, not glued to other digits.
 _PERSONNUMMER = re.compile(r"(?<![0-9])(?:(?:19|20)?[0-9]{6}[-+]?[0-9]{4})(?![0-9])")
@@ -30,3 +32,14 @@ def scrub(text: str) -> str:
     if len(text) < 10:  # too short to hold a personnummer (10 digits at least): skip the regex
         return text
     return _PERSONNUMMER.sub(_MASK, text)
+
+
+def scrub_value(value: Any) -> Any:
+    """`scrub` every string in `value` (mappings and sequences followed)."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, Mapping):
+        return {k: scrub_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_value(v) for v in value]
+    return value

@@ -9,30 +9,20 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
-from domain.privacy import patient_hash, scrub, set_salt
+from domain.privacy import patient_hash, scrub, scrub_value, set_salt
 
 __all__ = ["audit_logger", "configure", "get_logger", "patient_hash", "scrub", "scrub_personnummer"]
-
-def _scrub_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return scrub(value)
-    if isinstance(value, Mapping):
-        return {k: _scrub_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrub_value(v) for v in value]
-    return value
-
 
 def scrub_personnummer(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: the last line of defence against a personnummer in a log line."""
     for key, value in list(event_dict.items()):
         if key != "patient":  # already a hash
-            event_dict[key] = _scrub_value(value)
+            event_dict[key] = scrub_value(value)
     return event_dict
 
 

@@ -49,7 +49,7 @@ from typing import Any, NoReturn
 
 from contracts.topology import CONSUMED_QUEUES
 from service.family_probes import FamilyProbes, free_port, port_free
-from service.logging import configure, get_logger
+from service.linelog import LineLogger
 
 # The supervisor imports little (no pika, SQLAlchemy, Alembic, pydantic): it holds no connection and its resident
 # memory counts against the service's. The migration and the topology run in a short-lived child (PREPARE).
@@ -98,7 +98,7 @@ def roles(consumer_processes: int) -> list[str]:
 class Supervisor:
     def __init__(self, settings: Any) -> None:
         self.settings = settings
-        self.log = get_logger("intygstjanst.supervisor")
+        self.log = LineLogger("intygstjanst.supervisor", settings.log_level)
         self.children = [Child(role, n, backoff_cap_s=settings.reconnect_max_s)
                          for n, role in enumerate(roles(settings.consumer_processes), 1)]
         self._stopping = False
@@ -272,7 +272,6 @@ def become_supervisor(settings: Any) -> NoReturn:
 
 def supervisor_main(handed: dict[str, Any]) -> int:
     settings = SimpleNamespace(**handed, log_salt=os.environ.get("LOG_SALT", ""))
-    configure(settings.log_level, salt=settings.log_salt or None)
     return Supervisor(settings).run()
 
 
@@ -300,6 +299,7 @@ def child_main(args: argparse.Namespace) -> int:
     _die_with(args.parent)
 
     from service.app import Service, StartupAborted
+    from service.logging import configure
     from service.settings import Settings
 
     settings = Settings()

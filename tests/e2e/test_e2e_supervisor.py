@@ -95,17 +95,17 @@ def test_sigterm_stops_every_child_and_exits_0(launch, wire):
     service = launch()
     registers(wire)
     children = children_of(service.pid)
-    assert len(children) == 2
+    assert len(children) == 3  # the relay and the two consumer processes of the default
     assert service.terminate() == 0
     assert not any(alive(pid) for pid in children)
     log = service.log_text()
-    assert log.count("consumer stopped") >= 1 and log.count("service stopped") == 3  # two children, supervisor
+    assert log.count("consumer stopped") >= 1 and log.count("service stopped") == 4  # three children, supervisor
 
 
 def test_sigkill_of_the_supervisor_leaves_no_child_behind(launch, wire):
     service = launch()
     children = children_of(service.pid)
-    assert len(children) == 2
+    assert len(children) == 3
     assert service.kill() == -signal.SIGKILL
     wait_until(lambda: not any(alive(pid) for pid in children), 60, "every child gone")
 

@@ -1,5 +1,5 @@
 """The processes of `serve` load only what they run (their resident memory is the service's, issue 10): the
-supervisor no database, broker, settings, metrics or command line library; the relay and consumer processes
+supervisor no database, broker, settings, metrics, structlog or command line library; the relay and consumer processes
 neither Alembic (only the short-lived process that migrates does), nor the command line's typer and rich, nor
 OpenTelemetry while tracing is off; the relay's process not the message loop. Each is checked in a fresh
 interpreter entered as `serve`'s processes are (`python -m service.supervisor`), with no server to talk to.
@@ -69,10 +69,10 @@ def packages(modules: set[str]) -> set[str]:
     return {name.split(".")[0] for name in modules}
 
 
-def test_the_supervisor_loads_no_database_broker_settings_metrics_or_command_line_library(tmp_path):
+def test_the_supervisor_loads_no_database_broker_settings_metrics_structlog_or_command_line_library(tmp_path):
     loaded = packages(modules_of(ENTRY, tmp_path))
     assert loaded & {"sqlalchemy", "psycopg", "pika", "pydantic", "pydantic_settings", "prometheus_client",
-                     *COMMAND_LINE_AND_TOOLS} == set()
+                     "structlog", "asyncio", *COMMAND_LINE_AND_TOOLS} == set()
 
 
 @pytest.mark.parametrize("consumers, relay", [(False, True), (True, False)], ids=["relay", "consumers"])
