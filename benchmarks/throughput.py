@@ -20,7 +20,9 @@ What it does:
    exclusive queue (and, for the service, an exclusive queue bound to `intyg.events` for
    `certificate.registered`); the rate is N divided by the time from the first publish until every reply (AND
    every event) has arrived; then (b) the service's and (d) the bare loop's reply latency at a steady `--rate`
-   msg/s for `--duration` s;
+   msg/s for `--duration` s, each after a pause of `--settle` s (the throughput bursts leave the broker and
+   PostgreSQL work to finish: queue segments, checkpoints, autovacuum, which hit whichever ran next), taking turns
+   at going first;
 4. prints every figure round by round and the median, and the ratios of each round (measured side by side, so
    that a load that comes and goes hits both alike) with their median.
 For (a), (c), (e) it also prints the CPU time per message of the processes under test (the service: the
@@ -647,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=1000, help="unconfirmed publishes at most (1000)")
     parser.add_argument("--rate", type=float, default=200.0, help="(b), (d): offered msg/s (200)")
     parser.add_argument("--duration", type=float, default=20.0, help="(b), (d): seconds (20)")
+    parser.add_argument("--settle", type=float, default=5.0, help="(b), (d): pause before each, seconds (5)")
     parser.add_argument("--prefetch", type=int, default=200,
                         help="the reference loops' prefetch (200, the service's default)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -753,9 +756,13 @@ def main(argv: list[str] | None = None) -> int:
                 results[target.key].append(run)
                 print(f"({target.key}) round {round_}: {args.registrations / run.elapsed:.0f}/s; {describe(run)}",
                       flush=True)
-            for target, key in ((t, {"a": "b", "c": "d"}.get(t.key)) for t in targets):
+            latency = [(t, {"a": "b", "c": "d"}.get(t.key)) for t in targets]
+            if round_ % 2 == 0:  # (b) and (d) take turns at going first: neither always follows the bursts
+                latency.reverse()
+            for target, key in latency:
                 if key is None or key in args.skip:
                     continue
+                time.sleep(args.settle)  # the broker and PostgreSQL finish what the last burst left them
                 run = drive(target, f"{target.name} latency {round_}", count=int(args.rate * args.duration),
                             rate=args.rate, timeout=args.duration + 120)
                 results[key].append(run)
