@@ -41,7 +41,7 @@ class ReplyBatch:
     def __init__(self, open_channel: Callable[[], Any]) -> None:
         self._open = open_channel
         self.channel = self._transactional()
-        self._batch: list[tuple[str, bytes, pika.BasicProperties]] = []
+        self._batch: list[tuple[str, Reply, pika.BasicProperties]] = []  # the Reply, not its bytes: no copy kept
 
     @property
     def pending(self) -> int:
@@ -59,9 +59,8 @@ class ReplyBatch:
         properties = pika.BasicProperties(content_type="application/json", delivery_mode=PERSISTENT,
                                           message_id=reply_message_id(reply.request_id),
                                           correlation_id=correlation_id, headers=dict(headers) if headers else None)
-        body = reply.model_dump_json().encode()
-        frames.publish_buffered(self.channel, "", reply_to, body, properties)
-        self._batch.append((reply_to, body, properties))
+        frames.publish_buffered(self.channel, "", reply_to, reply.model_dump_json().encode(), properties)
+        self._batch.append((reply_to, reply, properties))
 
     def commit(self) -> int:
         """Returns once the broker holds every reply added since the last commit, or a requester's queue refused
@@ -76,13 +75,13 @@ class ReplyBatch:
             self.channel = self._transactional()
             return self._one_by_one(batch)
 
-    def _one_by_one(self, batch: list[tuple[str, bytes, pika.BasicProperties]]) -> int:
+    def _one_by_one(self, batch: list[tuple[str, Reply, pika.BasicProperties]]) -> int:
         channel = self._open()
         channel.confirm_delivery()
         refused = 0
-        for reply_to, body, properties in batch:
+        for reply_to, reply, properties in batch:
             try:
-                channel.basic_publish("", reply_to, body, properties)
+                channel.basic_publish("", reply_to, reply.model_dump_json().encode(), properties)
             except NackError:
                 refused += 1
         channel.close()
