@@ -179,7 +179,7 @@ class Consumer(threading.Thread):
         if self.declare is not None:
             self.declare(publish_channel)
         self._publisher = DirectPublisher(publish_channel)
-        self._replies = ReplyBatch(connection.channel())
+        self._replies = ReplyBatch(connection.channel)
         self._channel = channel = connection.channel()
         channel.basic_qos(prefetch_count=self.settings.prefetch)
         self._cancelled_by_broker = False
@@ -276,7 +276,10 @@ class Consumer(threading.Thread):
         settled: list[bool] = []
         for item in items:
             settled.append(self._settle_one(item, now))
-        self._replies.commit()
+        refused = self._replies.commit()
+        if refused:
+            self.log.warning("a requester's queue refused its reply; the batch's replies were sent one by one",
+                             refused=refused)
         channel = self._channel
         if all(settled):
             channel.basic_ack(delivery_tag=items[-1].delivery.tag, multiple=True)

@@ -14,11 +14,11 @@ Retry copies and dead letters (`DirectPublisher`) are rare: each waits for its o
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pika
-from pika.exceptions import NackError, UnroutableError
+from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 
 from contracts.replies import Reply
 from publishers import frames
@@ -29,28 +29,72 @@ PERSISTENT = pika.DeliveryMode.Persistent
 
 
 class ReplyBatch:
-    """Wraps a BlockingChannel (opened for replies only) in transaction mode; `commit()` once per batch."""
+    """The replies of a batch, in one AMQP transaction on a channel of their own; `commit()` once per batch.
 
-    def __init__(self, channel: Any) -> None:
-        self.channel = channel
+    A queue that refuses a reply (a requester's own queue declared with `x-overflow: reject-publish`, full) makes
+    the broker fail the whole transaction ("partial tx completion") and close the channel; raised to the loop,
+    that would end the session and have the whole batch redelivered, every time, until the broker dead-letters
+    all of it at its delivery limit. So the batch's replies go out once more, each with its own publisher
+    confirm, and a refused one is that requester's loss alone, as a reply queue that is gone is. Replies the
+    failed transaction delivered arrive twice."""
+
+    def __init__(self, open_channel: Callable[[], Any]) -> None:
+        self._open = open_channel
+        self.channel = self._transactional()
+        self._batch: list[tuple[str, Reply, pika.BasicProperties]] = []  # the Reply, not its bytes: no copy kept
+
+    @property
+    def pending(self) -> int:
+        return len(self._batch)
+
+    def _transactional(self) -> Any:
+        channel = self._open()
         channel.tx_select()
-        self.pending = 0
+        return channel
 
     def add(self, reply_to: str, reply: Reply, *, correlation_id: str | None,
             headers: Mapping[str, Any] | None = None) -> None:
         """A reply to the default exchange with `reply_to` as routing key (works with amq.rabbitmq.reply-to);
         `headers`: the trace context of the handling it answers. Sent, with the others, at `commit()`."""
         properties = pika.BasicProperties(content_type="application/json", delivery_mode=PERSISTENT,
-                                          message_id=f"reply-{reply.request_id}", correlation_id=correlation_id,
-                                          headers=dict(headers) if headers else None)
+                                          message_id=reply_message_id(reply.request_id),
+                                          correlation_id=correlation_id, headers=dict(headers) if headers else None)
         frames.publish_buffered(self.channel, "", reply_to, reply.model_dump_json().encode(), properties)
-        self.pending += 1
+        self._batch.append((reply_to, reply, properties))
 
-    def commit(self) -> None:
-        """Returns once the broker holds every reply added since the last commit."""
-        if self.pending:
+    def commit(self) -> int:
+        """Returns once the broker holds every reply added since the last commit, or a requester's queue refused
+        it: how many were refused."""
+        if not self._batch:
+            return 0
+        batch, self._batch = self._batch, []
+        try:
             self.channel.tx_commit()
-            self.pending = 0
+            return 0
+        except ChannelClosedByBroker:  # this channel alone: a broken connection raises something else
+            self.channel = self._transactional()
+            return self._one_by_one(batch)
+
+    def _one_by_one(self, batch: list[tuple[str, Reply, pika.BasicProperties]]) -> int:
+        channel = self._open()
+        channel.confirm_delivery()
+        refused = 0
+        for reply_to, reply, properties in batch:
+            try:
+                channel.basic_publish("", reply_to, reply.model_dump_json().encode(), properties)
+            except NackError:
+                refused += 1
+        channel.close()
+        return refused
+
+
+def reply_message_id(request_id: str) -> str:
+    """`reply-` and the request's message_id, cut to the 255 bytes of an AMQP short string. The contract's 128
+    characters of a message_id may be up to 255 bytes of UTF-8; a property pika cannot encode raises an AMQPError,
+    which would end the session and lose the replies of the whole batch."""
+    message_id = f"reply-{request_id}"
+    encoded = message_id.encode()
+    return message_id if len(encoded) <= 255 else encoded[:255].decode(errors="ignore")
 
 
 class DirectPublisher:
