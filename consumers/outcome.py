@@ -32,7 +32,7 @@ from storage.errors import RacedWithPurge, is_refused_value, is_transient
 class Settlement:
     outcome: str  # what the log line says: OK, a reply code, RETRY, WAITING, DUPLICATE, ...
     event: str  # the log line's text
-    reply: Reply | None = None  # published at once to reply_to
+    reply: Reply | None = None  # to reply_to, after the commit (the batch's replies in one AMQP transaction)
     retry: retry.Decision | None = None  # a retry copy to the delay queue of `retry.delay_s`
     dead_letter: bool = False  # a copy to the DLQ
     error: tuple[str, str] | None = None  # (code, reason) for the headers of the retry copy or dead letter

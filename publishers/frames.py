@@ -7,8 +7,9 @@ the frames waiting in pika's transmit buffer are joined into one `send()` of at 
 socket does not take stays at the front of the buffer, as pika's own loop leaves it.
 
 `install()` replaces `_AsyncTransportBase._produce` (used by the plain and the TLS transport, and under every
-BlockingConnection) and refuses to, leaving pika as it is, if that method or the buffer it works on is not
-where pika 1.3 keeps them.
+BlockingConnection) and refuses to, leaving pika as it is, if that method or the send it relies on is not where
+pika 1.x keeps them (written against 1.4). Over TLS a send that would block must be retried with the same bytes
+or more (OpenSSL refuses a shorter retry): after a blocked send the front of the buffer is only ever extended.
 
 `publish_buffered()` is a BlockingChannel's publish without the flush that follows each one, so that the replies
 of a batch wait in the transmit buffer and leave with their `tx.commit` in one `send()`.

@@ -82,7 +82,8 @@ def test_metrics_count_messages_by_queue_type_and_outcome_and_the_outbox_gauges_
     label_values = {value for _, labels in metrics for _, value in labels}
     assert not label_values & set(registrations)
 
-    # the replies and events wait in the outbox: the backlog gauge shows them and their age grows
+    # the events wait in the outbox (the replies went out from the consumer): the backlog gauge shows them and
+    # their age grows
     backlog = stack.db.scalar(OUTBOX_BACKLOG)
     assert backlog >= 5
     metrics = wait_for(lambda: (lambda m: m if sample(m, "intyg_outbox_unpublished_messages") == backlog else None)(
