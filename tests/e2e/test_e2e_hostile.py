@@ -194,6 +194,13 @@ class Target:
     observer: Wire  # the legitimate care system, and the operator looking at queues
     observer_url: str
     dirty: bool = False  # the last test failed: it may have left poison behind
+    consumers: dict[str, int] = field(default_factory=dict)  # per service queue, once the service was up
+
+
+def _launched(target: Target, service: ServiceProcess) -> None:
+    target.service = service
+    target.consumers = {queue: target.observer.consumers(queue) for queue in SERVICE_QUEUES}
+    assert all(target.consumers.values()), f"a service queue without a consumer: {target.consumers}"
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +209,7 @@ def target(module_stack, module_launch, broker_users) -> Iterator[Target]:
     service = module_launch(**SETTINGS)
     state = Target(service, _client(urls["attacker"]), users["attacker"], urls["attacker"],
                    _client(module_stack.amqp_url), module_stack.amqp_url)
+    _launched(state, service)
     yield state
     state.attacker.close()
     state.observer.close()
@@ -223,7 +231,7 @@ def served(target: Target, module_launch, request: pytest.FixtureRequest) -> Ite
         target.service.kill()
         for queue in [*SERVICE_QUEUES, *map(dlq, SERVICE_QUEUES), *RECIPIENT_QUEUES]:
             target.observer.channel.queue_purge(queue)
-        target.service = module_launch(**SETTINGS)
+        _launched(target, module_launch(**SETTINGS))
     yield target
     report = getattr(request.node, "rep_call", None)
     target.dirty = report is None or report.failed
@@ -293,7 +301,7 @@ def check_batch_survives(target: Target, hostile: Hostile) -> None:
 
     assert not service.consumer_restarts(), _restarts(service)
     counts = {queue: observer.consumers(queue) for queue in SERVICE_QUEUES}
-    assert all(n == 1 for n in counts.values()), f"consumers on the service queues: {counts}"
+    assert counts == target.consumers, f"consumers on the service queues: {counts}, at the start {target.consumers}"
 
     found = [(queue, letter) for queue, got in letters.items() for letter in got]
     if verdict is False:

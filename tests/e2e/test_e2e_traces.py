@@ -47,8 +47,9 @@ def test_with_tracing_off_the_recipients_delivery_carries_the_citizens_tracepare
 
 
 def test_an_unreachable_collector_drops_spans_says_so_once_and_never_holds_up_an_answer(launch, wire):
+    # one consumer process: "once" is once per process that exports
     service = launch(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
-                     OTEL_BSP_SCHEDULE_DELAY="50", OTEL_EXPORTER_OTLP_TIMEOUT="1")
+                     OTEL_BSP_SCHEDULE_DELAY="50", OTEL_EXPORTER_OTLP_TIMEOUT="1", CONSUMER_PROCESSES="1")
     send, reply, delivery = _send_to_fkassa(wire, PORTAL_TRACEPARENT)
     trace_id, parent = delivery.headers["traceparent"].split("-")[1:3]
     assert trace_id == PORTAL_TRACE and parent != "b7ad6b7169203331"  # a child of the service's own span
