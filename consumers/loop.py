@@ -280,6 +280,7 @@ class Consumer(threading.Thread):
         if refused:
             self.log.warning("a requester's queue refused its reply; the batch's replies were sent one by one",
                              refused=refused)
+            self.metrics.replies_refused(self.queue, refused)
         channel = self._channel
         if all(settled):
             channel.basic_ack(delivery_tag=items[-1].delivery.tag, multiple=True)

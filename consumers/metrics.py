@@ -22,6 +22,9 @@ class LoopMetrics:
     def reconnect(self, queue: str) -> None:
         """A consumer lost its session and will connect again."""
 
+    def replies_refused(self, queue: str, count: int) -> None:
+        """Requesters' queues refused `count` replies (e.g. full, `x-overflow: reject-publish`): those are lost."""
+
 
 NO_METRICS = LoopMetrics()
 

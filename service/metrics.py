@@ -66,6 +66,9 @@ class PrometheusLoopMetrics(LoopMetrics):
                                     registry=registry)
         self.reconnects = Counter("intyg_consumer_reconnects", "Consumer sessions lost (broker or database "
                                   "trouble) and started again", [QUEUE], registry=registry)
+        self.refused = Counter("intyg_replies_refused", "Replies a requester's queue refused (full, "
+                               "reject-publish): lost for that requester, by the queue the request came from",
+                               [QUEUE], registry=registry)
         self._children: dict[tuple[str, ...], Any] = {}  # labels() costs more than a dictionary look-up
         self._lock = threading.Lock()
 
@@ -93,6 +96,9 @@ class PrometheusLoopMetrics(LoopMetrics):
 
     def reconnect(self, queue: str) -> None:
         self._child(self.reconnects, queue).inc()
+
+    def replies_refused(self, queue: str, count: int) -> None:
+        self._child(self.refused, queue).inc(count)
 
 
 class BuildCollector(Collector):

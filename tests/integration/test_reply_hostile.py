@@ -11,6 +11,7 @@ import pika
 import pytest
 
 from consumers.loop import Consumer
+from consumers.metrics import LoopMetrics
 from contracts.topology import COMMANDS_EXCHANGE
 from service import topology
 from service.settings import Settings
@@ -54,14 +55,22 @@ def publish(requester: Requester, *, message_id: str, reply_to: str) -> None:
                                     props, mandatory=True)
 
 
-def run_batch(settings, requester, hostile) -> tuple[list[str], Consumer]:
+class Refusals(LoopMetrics):
+    def __init__(self) -> None:
+        self.refused: list[tuple[str, int]] = []
+
+    def replies_refused(self, queue: str, count: int) -> None:
+        self.refused.append((queue, count))
+
+
+def run_batch(settings, requester, hostile, metrics: LoopMetrics | None = None) -> tuple[list[str], Consumer]:
     """Two good registrations, the hostile one (`hostile(requester)` publishes it), two good ones; then a consumer."""
     requester.channel.queue_purge(QUEUE)
     goods = [requester.send("certificate.register", register_body()) for _ in range(2)]
     hostile(requester)
     goods += [requester.send("certificate.register", register_body()) for _ in range(2)]
     engine = make_engine(settings.database_url)
-    consumer = Consumer(QUEUE, settings, engine)
+    consumer = Consumer(QUEUE, settings, engine, metrics=metrics or LoopMetrics())
     consumer.start()
     consumer.engine_to_dispose = engine
     return goods, consumer
@@ -83,17 +92,24 @@ def drained(requester: Requester, consumer: Consumer, timeout: float = 10.0) -> 
     return False
 
 
-def test_a_reply_queue_that_refuses_every_message_harms_no_other_message_of_the_batch(settings, requester):
-    refusing = requester.channel.queue_declare(
-        "", exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}).method.queue
-    goods, consumer = run_batch(settings, requester,
-                                lambda r: publish(r, message_id=f"refused-{uuid.uuid4()}", reply_to=refusing))
+def answers_every_good_message(settings, requester, hostile, metrics: LoopMetrics | None = None) -> None:
+    """`run_batch`, then: every good message is answered OK and the queue drains."""
+    goods, consumer = run_batch(settings, requester, hostile, metrics)
     try:
         for message_id in goods:
             assert requester.reply(message_id, timeout=10)[1]["result"] == "OK"
         assert drained(requester, consumer)
     finally:
         stop(consumer)
+
+
+def test_a_reply_queue_that_refuses_every_message_harms_no_other_message_of_the_batch(settings, requester):
+    refusing = requester.channel.queue_declare(
+        "", exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}).method.queue
+    metrics = Refusals()
+    answers_every_good_message(settings, requester,
+                               lambda r: publish(r, message_id=f"refused-{uuid.uuid4()}", reply_to=refusing), metrics)
+    assert metrics.refused == [(QUEUE, 1)]  # counted for the operators: that requester lost its reply
 
 
 def test_a_message_id_whose_reply_id_is_too_long_for_amqp_harms_no_other_message_of_the_batch(settings, requester):
@@ -127,13 +143,7 @@ def test_odd_reply_addresses_harm_no_other_message_of_the_batch(settings, reques
         hostile = lambda r: publish_from_a_direct_reply_to_requester_gone(amqp_url)  # noqa: E731
     else:
         hostile = lambda r: publish(r, message_id=f"odd-{uuid.uuid4()}", reply_to=reply_to)  # noqa: E731
-    goods, consumer = run_batch(settings, requester, hostile)
-    try:
-        for message_id in goods:
-            assert requester.reply(message_id, timeout=10)[1]["result"] == "OK"
-        assert drained(requester, consumer)
-    finally:
-        stop(consumer)
+    answers_every_good_message(settings, requester, hostile)
 
 
 def test_a_quorum_reply_queue_gets_its_reply(settings, requester):
@@ -167,19 +177,13 @@ def test_a_reply_queue_deleted_between_publish_and_commit_harms_no_other_message
     requester.channel.queue_declare(name, durable=True, arguments={"x-queue-type": kind})
 
     class DeletingFirst(ReplyBatch):
-        def commit(self) -> None:
+        def commit(self) -> int:
             if self.pending:
                 other = pika.BlockingConnection(pika.URLParameters(amqp_url))
                 other.channel().queue_delete(name)
                 other.close()
-            super().commit()
+            return super().commit()
 
     monkeypatch.setattr(consumers.loop, "ReplyBatch", DeletingFirst)
-    goods, consumer = run_batch(settings, requester,
-                                lambda r: publish(r, message_id=f"del-{uuid.uuid4()}", reply_to=name))
-    try:
-        for message_id in goods:
-            assert requester.reply(message_id, timeout=10)[1]["result"] == "OK"
-        assert drained(requester, consumer)
-    finally:
-        stop(consumer)
+    answers_every_good_message(settings, requester,
+                               lambda r: publish(r, message_id=f"del-{uuid.uuid4()}", reply_to=name))

@@ -23,3 +23,12 @@ def test_a_routing_key_outside_the_contract_is_counted_as_unknown_and_an_odd_out
     label_values = {v for metric in registry.collect() for s in metric.samples for v in s.labels.values()}
     assert not any("191212121212" in v or "c-7f3a91" in v for v in label_values)
 
+
+
+def test_refused_replies_are_counted_by_the_queue_their_requests_came_from():
+    registry = CollectorRegistry()
+    metrics = PrometheusLoopMetrics(registry)
+    metrics.replies_refused("intyg.registration", 2)
+    metrics.replies_refused("intyg.registration", 1)
+    assert registry.get_sample_value("intyg_replies_refused_total",
+                                     {"messaging_destination_name": "intyg.registration"}) == 3
