@@ -7,9 +7,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from storage import migrate
+from storage.engine import make_engine
+from storage.tables import metadata
+
+ALL_TABLES = ", ".join(t.name for t in metadata.sorted_tables)
 
 
 class FreshDatabase:
@@ -38,3 +43,22 @@ def migrated_database(database_url: str, suffix: str) -> Iterator[str]:
     with FreshDatabase(database_url, suffix) as url:
         migrate.upgrade(url)
         yield url
+
+
+@contextmanager
+def migrated_engine(database_url: str, suffix: str, **engine_options: object) -> Iterator[Engine]:
+    """An engine (`make_engine(url, **engine_options)`) on a `migrated_database`; disposed of, and the database
+    dropped, on exit."""
+    with migrated_database(database_url, suffix) as url:
+        engine = make_engine(url, **engine_options)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+def empty_tables(engine: Engine, tables: str = ALL_TABLES) -> None:
+    """TRUNCATE `tables` (default: every table of the schema) and restart their sequences: a test sees only its
+    own rows, and its outbox ids start at 1."""
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY"))

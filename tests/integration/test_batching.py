@@ -24,21 +24,20 @@ from consumers.pipeline import Envelope, Policy, parse, process
 from service.settings import Settings
 from storage.engine import make_engine
 from storage.errors import RacedWithPurge, is_transient
-from storage.tables import certificates, inbox, metadata, outbox, tombstones
+from storage.tables import certificates, inbox, outbox, tombstones
 from storage.uow import SqlUnitOfWork
 from storage.writes import BufferedConnection
 
 try:
     from tests import factories
-    from tests.databases import migrated_database
+    from tests.databases import empty_tables, migrated_database
 except ImportError:  # tests/ itself on sys.path
     import factories
-    from databases import migrated_database
+    from databases import empty_tables, migrated_database
 
 pytestmark = pytest.mark.integration
 
 QUEUE = "intyg.registration"
-TABLES = ", ".join(t.name for t in metadata.sorted_tables)
 POLICY = Policy(catalogue=Settings().catalogue)
 REPLY_TO = "amq.gen-test-replies"
 
@@ -59,8 +58,7 @@ def engine(batching_url):
 
 @pytest.fixture(autouse=True)
 def _empty_tables(engine):
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY"))
+    empty_tables(engine)
 
 
 class Recorder:

@@ -22,17 +22,16 @@ from consumers.pipeline import Envelope, Policy, parse, process
 from contracts.topology import ACCESS_LOGGED
 from service.settings import Settings
 from storage.retention import Retention, delete_batch
-from storage.engine import make_engine
 from storage.tables import (access_log, certificate_documents, certificate_statuses, certificates, consents, metadata,
                             outbox, tombstones)
 from storage.uow import SqlUnitOfWork
 
 try:
     from tests import factories
-    from tests.databases import migrated_database
+    from tests.databases import empty_tables, migrated_engine
 except ImportError:  # tests/ itself on sys.path
     import factories
-    from databases import migrated_database
+    from databases import empty_tables, migrated_engine
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +43,6 @@ UNIT, UNIT_2, UNIT_3 = "SE2321000016-1004", "SE2321000016-1005", "SE2321000016-2
 BY = {"accessed_by": factories.ACCESSED_BY}  # CONTRACT §9: care messages name who accesses
 CATALOGUE = Settings().catalogue
 POLICY = Policy(catalogue=CATALOGUE)
-TABLES = ", ".join(t.name for t in metadata.sorted_tables)
 # Not ASCII, not normalised, with CR LF, tabs and trailing blanks: the journal copy must come back byte for byte.
 DOCUMENT_TEXT = ("<intyg>\r\n\t<namn>Åsa Öberg-Ängström</namn>  \n"
                  "\t<diagnos>F32.1 – ☤ 🩺 ﬁ e\u0301</diagnos>\n</intyg>  \n")
@@ -60,22 +58,14 @@ _valid(PATIENT, OTHER_PATIENT, THIRD_PATIENT)
 
 # --- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def handlers_url(database_url):
-    with migrated_database(database_url, "handlers") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def engine(handlers_url):
-    engine = make_engine(handlers_url, pool_size=10, max_overflow=10)
-    yield engine
-    engine.dispose()
+def engine(database_url):
+    with migrated_engine(database_url, "handlers", pool_size=10, max_overflow=10) as engine:
+        yield engine
 
 
 @pytest.fixture(autouse=True)
 def _empty_tables(engine):
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY"))
+    empty_tables(engine)
 
 
 # --- driving messages -------------------------------------------------------------------------------------------

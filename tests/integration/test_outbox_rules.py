@@ -21,21 +21,19 @@ from consumers.pipeline import Envelope, Policy, parse, process
 from contracts.topology import EVENTS_EXCHANGE, recipient_binding, recipient_queue
 from publishers.relay import OutboxRelay
 from service.settings import RecipientSetting, Settings
-from storage.engine import make_engine
 from storage.retention import HOUSEKEEPING_LOCK, Housekeeper, Retention, sweep
 from storage.tables import bulk_progress, inbox, metadata, outbox
 from storage.uow import SqlUnitOfWork
 
 try:
     from tests import factories
-    from tests.databases import migrated_database
+    from tests.databases import empty_tables, migrated_engine
 except ImportError:  # tests/ itself on sys.path
     import factories
-    from databases import migrated_database
+    from databases import empty_tables, migrated_engine
 
 pytestmark = pytest.mark.integration
 
-TABLES = ", ".join(t.name for t in metadata.sorted_tables)
 RECIPIENT = f"R{uuid.uuid4().hex[:6].upper()}"  # a queue of this module's own
 POLICY = Policy(catalogue=Settings(recipients=[
     RecipientSetting(id=RECIPIENT, name="Mottagare", certificate_types=["lisjp"])]).catalogue)
@@ -45,16 +43,13 @@ DAY = dt.timedelta(days=1)
 
 @pytest.fixture(scope="module")
 def engine(database_url):
-    with migrated_database(database_url, "outbox_rules") as url:
-        engine = make_engine(url)
+    with migrated_engine(database_url, "outbox_rules") as engine:
         yield engine
-        engine.dispose()
 
 
 @pytest.fixture(autouse=True)
 def _empty_tables(engine):
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY"))
+    empty_tables(engine)
 
 
 def handle(engine, routing_key: str, body: dict[str, Any]) -> dict[str, Any]:

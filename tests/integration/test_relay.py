@@ -5,51 +5,39 @@ the broker through exclusive queues bound to routing keys unique to each test.
 """
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 import uuid
 
 import pika
 import pytest
-from sqlalchemy import insert, select, text
+from sqlalchemy import select, text
 
-from contracts.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, recipient_binding, recipient_queue
+from contracts.topology import EVENTS_EXCHANGE, recipient_binding, recipient_queue
 from publishers.relay import UNROUTABLE_REPLY, OutboxRelay
 from service.topology import declare_exchanges
-from storage.engine import make_engine
 from storage.outbox import (RELAY_LOCK, OutboxMessage, SqlOutbox, parked_rows, pending_count, release_lead,
                             try_lead, unpark)
 from storage.tables import outbox
-from service.topology import declare_exchanges
 
 try:
-    from tests.databases import migrated_database
+    from tests.databases import empty_tables, migrated_engine
 except ImportError:  # tests/ itself on sys.path
-    from databases import migrated_database
+    from databases import empty_tables, migrated_engine
 
 pytestmark = pytest.mark.integration
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def relay_db_url(database_url):
-    with migrated_database(database_url, "relay") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def engine(relay_db_url):
-    engine = make_engine(relay_db_url)
-    yield engine
-    engine.dispose()
+def engine(database_url):
+    with migrated_engine(database_url, "relay") as engine:
+        yield engine
 
 
 @pytest.fixture(autouse=True)
 def _empty_outbox(engine):
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE outbox RESTART IDENTITY"))
-    yield
+    empty_tables(engine, "outbox")
 
 
 @pytest.fixture

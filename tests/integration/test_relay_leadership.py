@@ -29,13 +29,12 @@ from sqlalchemy import text
 
 from contracts.topology import EVENTS_EXCHANGE
 from publishers.relay import OutboxRelay
-from storage.engine import make_engine
 from storage.outbox import RELAY_LOCK, OutboxMessage, SqlOutbox, pending_count
 
 try:
-    from tests.databases import migrated_database
+    from tests.databases import migrated_engine
 except ImportError:  # tests/ itself on sys.path
-    from databases import migrated_database
+    from databases import migrated_engine
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,10 +45,8 @@ GRACE_S = 1.0
 
 @pytest.fixture(scope="module")
 def engine(database_url):
-    with migrated_database(database_url, "leadership") as url:
-        engine = make_engine(url)
+    with migrated_engine(database_url, "leadership") as engine:
         yield engine
-        engine.dispose()
 
 
 class Deliveries(threading.Thread):

@@ -32,10 +32,10 @@ from storage.uow import SqlUnitOfWork
 
 try:
     from tests import factories
-    from tests.databases import FreshDatabase as _FreshDatabase, migrated_database
+    from tests.databases import FreshDatabase as _FreshDatabase, empty_tables, migrated_database
 except ImportError:  # tests/ itself on sys.path
     import factories
-    from databases import FreshDatabase as _FreshDatabase, migrated_database
+    from databases import FreshDatabase as _FreshDatabase, empty_tables, migrated_database
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,6 @@ def certificate(**overrides) -> Certificate:
         signed_at=dt.datetime.fromisoformat(body["signed_at"]), test_certificate=body["test_certificate"],
         fingerprint=fingerprint(body), content={k: v for k, v in body.items() if k != "document"},
         document=body.get("document"), **model)
-TABLES = ", ".join(t.name for t in metadata.sorted_tables)
 
 
 # --- databases --------------------------------------------------------------------------------------------------
@@ -90,8 +89,7 @@ def engine(storage_url):
 @pytest.fixture(autouse=True)
 def _empty_tables(request):
     if "engine" in request.fixturenames:
-        with request.getfixturevalue("engine").begin() as conn:
-            conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY"))
+        empty_tables(request.getfixturevalue("engine"))
     yield
 
 
