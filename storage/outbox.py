@@ -28,7 +28,7 @@ from sqlalchemy import Connection, Row, Text, any_, bindparam, func, select, tex
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from storage.tables import outbox, tombstones
-from storage.writes import insert_rows
+from storage.writes import BufferedConnection, insert_rows
 
 RELAY_LOCK = (2, 1)  # advisory lock namespace 2 (1 = patients, 3 = migrations)
 MAX_ERROR_LENGTH = 2000
@@ -89,7 +89,7 @@ class SqlOutbox:
             for m in messages])
 
 
-def notify(conn: Any) -> None:
+def notify(conn: BufferedConnection) -> None:
     """Tell a listening relay (publishers.wakeup) that rows are coming; delivered when the transaction commits.
     Queued on the unit of work's `BufferedConnection` behind its inserts: it costs no round trip of its own."""
     conn.defer_statement("SELECT pg_notify(%(channel)s, '')", {"channel": NOTIFY_CHANNEL})
