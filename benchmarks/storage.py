@@ -288,12 +288,17 @@ def measure_queries(engine, policy: Policy, rows: list[tuple], calls: int, warmu
     results = {}
     for kind in ("certificate.list", "certificate.get", "certificate.list-for-care"):
         envelopes = query_envelopes(kind, [rng.choice(rows) for _ in range(calls + warmup)], rng)
-        for envelope in envelopes[:warmup]:
-            run_query(engine, policy, envelope)
-        gc.collect()
-        timings = [run_query(engine, policy, envelope) for envelope in envelopes[warmup:]]
-        results[kind] = ([wall for wall, _ in timings], [cpu for _, cpu in timings])
+        results[kind] = timed_queries(engine, policy, envelopes, warmup)
     return results
+
+
+def timed_queries(engine, policy: Policy, envelopes: list[Envelope], warmup: int) -> tuple[list[float], list[float]]:
+    """Run the first `warmup` envelopes untimed, then the rest: (wall times, CPU times) of each, in seconds."""
+    for envelope in envelopes[:warmup]:
+        run_query(engine, policy, envelope)
+    gc.collect()
+    timings = [run_query(engine, policy, envelope) for envelope in envelopes[warmup:]]
+    return [wall for wall, _ in timings], [cpu for _, cpu in timings]
 
 
 # --- the access log (CONTRACT §9) ----------------------------------------------------------------------------------
@@ -355,11 +360,7 @@ def measure_access_log_list(engine, policy: Policy, patients: list[str], calls: 
     results = {}
     for label, dated in (("access-log.list", False), ("access-log.list from/to a year", True)):
         envelopes = access_log_envelopes([rng.choice(patients) for _ in range(calls + warmup)], rng, dated)
-        for envelope in envelopes[:warmup]:
-            run_query(engine, policy, envelope)
-        gc.collect()
-        timings = [run_query(engine, policy, envelope) for envelope in envelopes[warmup:]]
-        results[label] = ([wall for wall, _ in timings], [cpu for _, cpu in timings])
+        results[label] = timed_queries(engine, policy, envelopes, warmup)
     return results
 
 
