@@ -333,7 +333,7 @@ def test_a_message_whose_insert_fails_at_the_flush_fails_alone(engine, batching_
 
 
 def test_the_outbox_keeps_the_order_of_the_messages_across_a_batch(engine, batching_url, monkeypatch):
-    monkeypatch.setattr(BufferedConnection, "send_after_rows", 16)  # many chunks in flight in one pipeline
+    monkeypatch.setattr(BufferedConnection, "send_after_rows", 16)  # many sends (COPYs) in one transaction
     worker, _ = consumer(engine, batching_url)
     batch = [delivery(register_body(patient_id=patient(n))) for n in range(40)]
     worker._handle(batch)
