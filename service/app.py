@@ -15,6 +15,7 @@ At start-up, migration and topology wait (with the same back-off) for a database
 """
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -231,6 +232,7 @@ class Service:
                 self.start()
             except StartupAborted:
                 return 0
+            settle_heap()
             if on_ready is not None:
                 on_ready()
             ok = self.wait()
@@ -245,4 +247,15 @@ class Service:
         self.request_stop()
 
 
-__all__ = ["Service", "StartupAborted"]
+def settle_heap() -> None:
+    """Once started, move every object made so far (the modules of pydantic, SQLAlchemy, psycopg, pika and ours:
+    some 80,000) out of the garbage collector's sight: they live as long as the process. Every full collection
+    had walked all of them, and the message loop allocates enough to run one every few seconds; measured under
+    load, the collector took 16-20 % of a consumer process's CPU. Side by side (20,000 registrations, one run
+    each, twice): 0.49 and 0.61 ms of service CPU per registration before, 0.46 and 0.49 after, at the same peak
+    memory. (Raising the collector's thresholds saved a little more CPU but kept garbage longer: +20 MB.)"""
+    gc.collect()
+    gc.freeze()
+
+
+__all__ = ["Service", "StartupAborted", "settle_heap"]

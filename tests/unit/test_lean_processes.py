@@ -96,3 +96,13 @@ def test_the_head_revision_is_read_from_files_as_the_revision_template_writes_th
         migrate.head(tmp_path)
     (tmp_path / "0004_merge.py").write_text('revision: str = "0004"\ndown_revision = ("0002", "0003")\n')
     assert migrate.head(tmp_path) == "0004"
+
+
+def test_a_started_process_keeps_what_it_loaded_out_of_the_collectors_sight():
+    code = ("import gc, service.app\n"
+            "before = gc.get_freeze_count()\n"
+            "service.app.settle_heap()\n"
+            "print(before, gc.get_freeze_count(), len(gc.get_objects()))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    before, frozen, watched = map(int, out.split())
+    assert before == 0 and frozen > 10_000 and watched < frozen / 10
