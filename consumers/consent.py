@@ -21,5 +21,5 @@ def set_consent(message: SetConsent, uow: UnitOfWork, ctx: Context) -> Handled:
     facts = []
     for certificate in purge.certificates:
         uow.certificates.purge(certificate, "CONSENT_WITHDRAWN", ctx.now)
-        facts.extend(certificate.events)
+        facts.extend(certificate.pull_events())
     return Handled(reply_for(outcome, ctx.request_id), wire_events(facts, ctx.now))

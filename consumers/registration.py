@@ -21,6 +21,7 @@ def register(message: RegisterCertificate, uow: UnitOfWork, ctx: Context) -> Han
     existing = uow.certificates.get(new.id, for_update=True)
     purged = existing is None and uow.certificates.is_purged(new.id)
     outcome = lifecycle.register(new, existing, purged, ctx.catalogue, ctx.now)
-    if new.events:
+    facts = new.pull_events()
+    if facts:
         uow.certificates.add(new)
-    return Handled(reply_for(outcome, ctx.request_id), wire_events(new.events, ctx.now))
+    return Handled(reply_for(outcome, ctx.request_id), wire_events(facts, ctx.now))

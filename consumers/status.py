@@ -56,7 +56,7 @@ def remove_care_copies(message: RemoveCareCopies, uow: UnitOfWork, ctx: Context)
                                    purge, ctx.now)
         _persist(certificate, purge, uow, ctx)
         removed.append(certificate)
-        facts.extend(certificate.events)
+        facts.extend(certificate.pull_events())
         purged += len(purge.certificates)
         citizen_only += not purge.certificates
     record(uow, ctx, REMOVE_CARE_COPY, removed, message.accessed_by)
@@ -101,7 +101,7 @@ def _saved(certificate: Certificate | None, outcome: Outcome, uow: UnitOfWork, c
     facts = []
     if certificate is not None and certificate.events:
         _persist(certificate, purge or Purge(), uow, ctx)
-        facts = certificate.events
+        facts = certificate.pull_events()
     return Handled(reply_for(outcome, ctx.request_id), wire_events(facts, ctx.now))
 
 

@@ -54,6 +54,13 @@ class Certificate:
     def sent_to(self) -> list[str]:
         return [s.target for s in self.statuses if s.status == "SENT" and s.target]
 
+    def pull_events(self) -> list[Any]:
+        """The events recorded since the last pull, handed over once. A certificate must not keep them: an event
+        such as Registered refers back to its certificate, and that cycle would leave the certificate (its 20 KB
+        document included) to the cycle collector instead of freeing it once the message is handled."""
+        events, self.events = self.events, []
+        return events
+
     def record(self, status: str, at: dt.datetime, target: str | None = None) -> None:
         self.statuses.append(StatusChange(status, target, at))
 

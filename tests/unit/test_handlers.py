@@ -3,6 +3,7 @@ the reply, the events in the outbox and the inbox are what the world sees."""
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import re
 
@@ -509,3 +510,19 @@ def test_the_fake_rolls_back_what_is_not_committed():
             assert service.uow.inbox.get("x") is None and service.uow.consents.get(PATIENT).given
             raise RuntimeError
     assert not service.uow.consents.get(PATIENT).given and "c1" in service.uow.state.certificates
+
+
+def test_handled_commands_leave_nothing_for_the_cycle_collector(service):
+    """An event refers to its certificate; a certificate that kept its events would be a reference cycle, freed
+    (20 KB document and all) only when the cycle collector runs."""
+    service.register(id="warm-up")
+    gc.collect()
+    gc.disable()
+    try:
+        service.register(id="c1")
+        service.send_to("c1")
+        service.revoke("c1")
+        service.remove_care_copy("c1")
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
