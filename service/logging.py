@@ -21,9 +21,13 @@ __all__ = ["audit_logger", "configure", "get_logger", "patient_hash", "scrub", "
 def scrub_personnummer(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: the last line of defence against a personnummer in a log line."""
     for key, value in list(event_dict.items()):
-        if key != "patient":  # already a hash
+        if key not in _WRITTEN_HERE:
             event_dict[key] = scrub_value(value)
     return event_dict
+
+
+# Keys whose values the logging itself writes (the patient's is already a hash): nothing of a client's is in them.
+_WRITTEN_HERE = frozenset({"patient", "timestamp", "level", "logger"})
 
 
 class _LineLogger:
@@ -91,8 +95,9 @@ def configure(level: str = "INFO", *, salt: str | None = None, stream: Any = Non
         numeric = logging.INFO
     stream = stream or sys.stdout
 
+    # (No structlog.contextvars.merge_contextvars: nothing binds context variables, and the message loop writes a
+    # line per message.)
     shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         add_trace_ids,
