@@ -18,7 +18,7 @@ def register(message: RegisterCertificate, uow: UnitOfWork, ctx: Context) -> Han
     # and two registers of one id at once are decided by the primary key: the loser's insert fails (transient),
     # and its retry reads the winner's row (ALREADY_EXISTS or CONFLICT). An id registered and purged meanwhile by
     # others is caught right after our insert (`SqlCertificates._not_purged_since`), and the retry answers PURGED.
-    existing = uow.certificates.get(new.id, for_update=True)
+    existing = uow.certificates.get(new.id, for_update=True, with_document=True)  # to compare, if it exists
     purged = existing is None and uow.certificates.is_purged(new.id)
     outcome = lifecycle.register(new, existing, purged, ctx.catalogue, ctx.now)
     facts = new.pull_events()

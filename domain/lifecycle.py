@@ -36,7 +36,7 @@ def register(new: Certificate, existing: Certificate | None, purged: bool, catal
     if purged:
         raise Refused("PURGED", "a certificate with this id was purged and is never stored again")
     if existing is not None:
-        if existing.patient_id == new.patient_id and existing.fingerprint == new.fingerprint:
+        if existing.patient_id == new.patient_id and existing.content_fingerprint() == new.content_fingerprint():
             return Outcome("the certificate is already stored", info="ALREADY_EXISTS")
         raise Refused("CONFLICT", "a different certificate is stored under this id")
     new.available_to_care, new.archived = True, False

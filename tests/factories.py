@@ -44,8 +44,9 @@ def certificate(*, id: str | None = None, type: str = "lisjp", patient_id: str =
                 care_giver_id: str = CARE_GIVER, care_unit_id: str = CARE_UNIT, signed_at: dt.datetime = SIGNED_AT,
                 test_certificate: bool = False, available_to_care: bool = True, archived: bool = False,
                 revoked_at: dt.datetime | None = None, statuses: Any = (), document: dict[str, Any] | None = None,
-                **content: Any) -> Certificate:
-    """A stored certificate; other keyword arguments (type_version, valid_from, ...) go into its content."""
+                fingerprinted: bool = True, **content: Any) -> Certificate:
+    """A stored certificate; other keyword arguments (type_version, valid_from, ...) go into its content.
+    `fingerprinted`: with its fingerprint computed, as versions before migration 0005 stored every one."""
     wire = certificate_json(id=id or f"cert-{uuid.uuid4()}", type=type, patient_id=patient_id,
                             signed_at=signed_at.isoformat(), issued_by=issued_by(care_giver_id, care_unit_id),
                             test_certificate=test_certificate, **content)
@@ -54,7 +55,8 @@ def certificate(*, id: str | None = None, type: str = "lisjp", patient_id: str =
     return Certificate(
         id=wire["id"], type=type, patient_id=patient_id, care_giver_id=care_giver_id, care_unit_id=care_unit_id,
         signed_at=signed_at, test_certificate=test_certificate,
-        fingerprint=fingerprint({**wire, "document": document}), content=wire, document=document,
+        fingerprint=fingerprint({**wire, "document": document}) if fingerprinted else None, content=wire,
+        document=document,
         available_to_care=available_to_care, archived=archived, revoked_at=revoked_at,
         statuses=[s if isinstance(s, StatusChange) else StatusChange(*s) for s in statuses],
     )

@@ -19,7 +19,9 @@ from personnummer import personnummer as pnr
 from sqlalchemy import func, select, text
 
 from consumers.pipeline import Envelope, Policy, parse, process
+from contracts.certificate import Certificate as WireCertificate
 from contracts.topology import ACCESS_LOGGED
+from domain.model import fingerprint
 from service.settings import Settings
 from storage.retention import Retention, delete_batch
 from storage.tables import (access_log, certificate_documents, certificate_statuses, certificates, consents, metadata,
@@ -442,6 +444,28 @@ def test_recipient_list(engine):
                        "certificate_types": ["fk7263", "lisjp", "luae_fs", "luae_na", "luse"],
                        "trusted": True, "active": True}]
     assert ok(handle(engine, "recipient.list", {"certificate_type": "ag114"}))["recipients"] == []
+
+
+# --- the same id registered again ----------------------------------------------------------------------------------
+def test_registering_an_id_again_compares_the_stored_content_and_document(engine):
+    body = factories.certificate_json(id="intyg-again")
+    assert code(handle(engine, "certificate.register", {"certificate": body})) is None
+    with engine.connect() as conn:  # a new registration computes no fingerprint (migration 0005)
+        assert conn.execute(select(certificates.c.fingerprint)).scalar_one() is None
+    assert code(handle(engine, "certificate.register", {"certificate": body})) == "ALREADY_EXISTS"
+    other_document = {**body, "document": {**body["document"], "content": "ett annat intyg"}}
+    assert code(handle(engine, "certificate.register", {"certificate": other_document})) == "CONFLICT"
+    assert code(handle(engine, "certificate.register", {"certificate": {**body, "type_version": "9.9"}})) == "CONFLICT"
+
+
+def test_a_fingerprint_stored_by_an_older_version_is_used_as_it_is(engine):
+    body = factories.certificate_json(id="intyg-older")
+    assert code(handle(engine, "certificate.register", {"certificate": body})) is None
+    content = WireCertificate.model_validate(body).model_dump(mode="json")
+    for stored, expected in ((fingerprint(content), "ALREADY_EXISTS"), ("0" * 64, "CONFLICT")):
+        with engine.begin() as conn:
+            conn.execute(certificates.update().values(fingerprint=stored))
+        assert code(handle(engine, "certificate.register", {"certificate": body})) == expected
 
 
 # --- at most once per message id --------------------------------------------------------------------------------

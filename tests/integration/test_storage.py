@@ -121,9 +121,9 @@ def test_migrate_from_empty_then_again_is_a_no_op(database_url):
     with _FreshDatabase(database_url, "migrate") as url:
         assert migrate.current(url) is None
         migrate.upgrade(url)
-        assert migrate.current(url) == migrate.head() == "0004"
+        assert migrate.current(url) == migrate.head() == "0005"
         migrate.upgrade(url)
-        assert migrate.current(url) == "0004"
+        assert migrate.current(url) == "0005"
         engine = make_engine(url)
         try:
             with engine.connect() as conn:
@@ -132,6 +132,28 @@ def test_migrate_from_empty_then_again_is_a_no_op(database_url):
                 assert names >= {t.name for t in metadata.sorted_tables}
                 # The hand-written revision creates exactly what storage.tables describes.
                 assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        finally:
+            engine.dispose()
+
+
+def test_downgrading_below_0005_computes_the_fingerprints_the_older_versions_need(database_url):
+    from alembic import command
+
+    with _FreshDatabase(database_url, "downgrade") as url:
+        migrate.upgrade(url)
+        engine = make_engine(url)
+        try:
+            new = factories.certificate(id="stored-without", fingerprinted=False)
+            with SqlUnitOfWork(engine) as uow:
+                uow.certificates.add(new)
+                uow.commit()
+            with engine.begin() as conn:
+                command.downgrade(migrate.config(conn), "0004")
+            with engine.connect() as conn:
+                stored = conn.execute(select(certificates.c.fingerprint)).scalar_one()
+                nullable = conn.execute(text("SELECT is_nullable FROM information_schema.columns WHERE "
+                                             "table_name = 'certificates' AND column_name = 'fingerprint'")).scalar_one()
+            assert stored == factories.certificate(id="stored-without").fingerprint and nullable == "NO"
         finally:
             engine.dispose()
 

@@ -65,6 +65,35 @@ def test_register_other_content_is_conflict():
             CATALOGUE, NOW)
 
 
+def test_a_new_registration_computes_no_fingerprint():
+    certificate = factories.certificate(fingerprinted=False)
+    lifecycle.register(certificate, None, False, CATALOGUE, NOW)
+    assert certificate.fingerprint is None
+
+
+def test_register_again_compares_what_was_stored_without_a_fingerprint_by_its_content_and_document():
+    stored = registered(id="c1", fingerprinted=False)
+    assert lifecycle.register(factories.certificate(id="c1", fingerprinted=False), stored, False, CATALOGUE,
+                              NOW).info == "ALREADY_EXISTS"
+    other_document = factories.certificate(id="c1", fingerprinted=False)
+    other_document.document = {**other_document.document, "content": "ett annat intyg"}
+    refused("CONFLICT", lifecycle.register, other_document, stored, False, CATALOGUE, NOW)
+
+
+def test_a_fingerprint_stored_by_an_older_version_is_compared_as_it_is():
+    stored = registered(id="c1")  # the factory stores the fingerprint, as versions before 0005 did
+    again = factories.certificate(id="c1", fingerprinted=False)
+    assert lifecycle.register(again, stored, False, CATALOGUE, NOW).info == "ALREADY_EXISTS"
+    assert again.content_fingerprint() == stored.fingerprint
+
+
+def test_without_a_fingerprint_nor_its_document_a_stored_certificate_cannot_be_compared():
+    stored = registered(id="c1", fingerprinted=False)
+    stored.document = None
+    with pytest.raises(ValueError):
+        stored.content_fingerprint()
+
+
 def test_purged_id_is_never_registered_again():
     refused("PURGED", lifecycle.register, factories.certificate(id="c1"), None, True, CATALOGUE, NOW)
 
