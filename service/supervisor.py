@@ -248,7 +248,11 @@ class Supervisor:
                     self.log.error("child did not stop in time; killed", child=child.name)
                     child.proc.kill()
                     code = child.proc.wait()
-                if code != 0:
+                if code == -signal.SIGTERM and not child.ready:
+                    # Still starting (restarted a moment ago): it had not yet installed the handler that stops it
+                    # cleanly, nor started any work; our SIGTERM ended it as asked.
+                    self.log.info("child stopped while it was starting", child=child.name)
+                elif code != 0:
                     self.log.error("child stopped with an error", child=child.name, exit_code=code)
                     clean = False
             for child in group:
