@@ -5,6 +5,7 @@ the service stops cleanly."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -23,6 +24,7 @@ from contracts.topology import (
     dlq,
 )
 from service import topology
+from service import app
 from service.app import Service
 from service.settings import Settings
 from storage.engine import make_engine
@@ -172,6 +174,21 @@ def test_service_stops_cleanly(settings):
     service.stop(timeout=20)
     assert not any(c.is_alive() for c in service.consumers)
     assert service._relay_thread is not None and not service._relay_thread.is_alive()
+
+
+def test_the_heap_is_frozen_before_any_thread_handles_a_message(settings, monkeypatch):
+    """A batch in hand when the heap is frozen would be frozen with it, and a cycle in it never freed."""
+    running_at_freeze: list[str] = []
+    monkeypatch.setattr(app, "settle_heap",
+                        lambda: running_at_freeze.extend(t.name for t in threading.enumerate()))
+    service = Service(settings)
+    try:
+        service.start(ready_timeout=30, freeze_heap=True)
+        assert running_at_freeze, "the heap was frozen"
+        assert not [name for name in running_at_freeze if name.startswith(("consumer-", "outbox-relay"))]
+        assert service.consumers and all(c.consuming for c in service.consumers)
+    finally:
+        service.stop(timeout=20)
 
 
 def test_a_database_that_is_down_means_retries_then_unavailable(amqp_url, requester):
