@@ -117,7 +117,7 @@ class BufferedConnection:
         self._queued = 0
         self._after_flush: dict[Table, Callable[[list[dict[str, Any]]], None]] = {}
         self._unchecked: list[tuple[Callable[[list[dict[str, Any]]], None], list[dict[str, Any]]]] = []
-        self._pipeline: Any = None  # an open psycopg pipeline (its context manager) while sent rows are in flight
+        self._pipeline: Any = None  # an open psycopg pipeline (its context manager) while sent statements are in flight
         self.flush_failed = False
 
     @property
@@ -283,8 +283,9 @@ class BufferedConnection:
             cursor.execute(sql, params)
 
     def _open_pipeline(self) -> Any:
-        """psycopg pipeline mode: every executemany rides one pipeline, which is synced (one round trip) only when
-        `flush` needs the results. Without pipeline support each executemany waits for its own results."""
+        """psycopg pipeline mode: the queued statements ride one pipeline, which is synced (one round trip) only
+        when `flush` needs the results, or before a COPY. Without pipeline support each statement waits for its
+        own results."""
         driver = self._driver()
         if driver is None or not hasattr(driver, "pipeline") or not psycopg.Pipeline.is_supported():
             pipeline: Any = nullcontext()

@@ -159,17 +159,26 @@ def count(engine, table) -> int:
 
 
 class Statements:
-    """Counts the SQL statements an engine sends (executemany = 1)."""
+    """Counts the SQL statements an engine sends (executemany = 1), and the buffered inserts' COPYs, which go to
+    psycopg straight, past SQLAlchemy's events."""
 
     def __init__(self, engine) -> None:
         self.engine, self.seen = engine, []
 
     def __enter__(self) -> Statements:
         event.listen(self.engine, "before_cursor_execute", self._seen)
+        self._insert = BufferedConnection._insert
+
+        def insert(connection, table, rows):
+            self.seen.append("COPY")
+            return self._insert(connection, table, rows)
+
+        BufferedConnection._insert = insert
         return self
 
     def __exit__(self, *exc: object) -> None:
         event.remove(self.engine, "before_cursor_execute", self._seen)
+        BufferedConnection._insert = self._insert
 
     def _seen(self, _conn, _cursor, statement, _params, _context, _executemany) -> None:
         self.seen.append(statement.split(None, 1)[0].upper())
@@ -185,9 +194,9 @@ def test_a_batch_of_new_registrations_is_one_transaction_of_a_few_statements(eng
     assert [replies[d.properties.message_id][0]["result"] for d in batch] == ["OK"] * 30
     assert recorder.acked == [(batch[-1].tag, True)] and not recorder.copies
     assert count(engine, certificates) == count(engine, inbox) == 30
-    # warm-up, one executemany per table (sent in chunks while the batch runs), the purge check, commit: no
-    # statement per message
+    # warm-up, one COPY per table, the purge check, commit: no statement per message
     assert len(statements.seen) < 30, statements.seen
+    assert statements.seen.count("COPY") == 5, statements.seen  # certificates, documents, statuses, inbox, outbox
     # the warm-up and the purge check (the NOTIFY for a relay in another process rides the inserts' pipeline)
     assert statements.seen.count("SELECT") == 2, statements.seen
 
@@ -475,11 +484,11 @@ def test_a_register_racing_with_a_purge_of_the_same_id_never_brings_it_back(engi
     assert count(engine, certificates) == 0
 
 
-def test_a_connection_lost_with_inserts_in_flight_is_transient_and_the_pool_recovers(engine, monkeypatch):
+def test_a_connection_lost_between_inserts_is_transient_and_the_pool_recovers(engine, monkeypatch):
     monkeypatch.setattr(BufferedConnection, "send_after_rows", 1)  # every insert goes out at once
     with SqlUnitOfWork(engine) as uow:
         pid = uow.connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        uow.certificates.add(factories.certificate())  # sent, in flight in the open pipeline
+        uow.certificates.add(factories.certificate())  # inserted at once (a COPY per table)
         with engine.connect() as killer:
             killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         with pytest.raises(Exception) as raised:

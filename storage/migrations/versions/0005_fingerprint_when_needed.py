@@ -25,17 +25,21 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # The versions before need every fingerprint: compute the missing ones, a batch at a time.
+    # The versions before need every fingerprint: compute the missing ones, a batch at a time, in id order (each
+    # batch starts after the last id of the one before, so none reads again the rows the batches before fixed).
+    # Stop this version's consumers first: a row they insert meanwhile would fail the NOT NULL at the end.
     from domain.model import fingerprint
 
     connection = op.get_bind()
     select_missing = sa.text("""
         SELECT c.id, c.content, d.media_type, d.encoding, d.content AS document
         FROM certificates c JOIN certificate_documents d ON d.certificate_id = c.id
-        WHERE c.fingerprint IS NULL ORDER BY c.id LIMIT 1000""")
+        WHERE c.fingerprint IS NULL AND c.id > :after ORDER BY c.id LIMIT 1000""")
     update = sa.text("UPDATE certificates SET fingerprint = :fingerprint WHERE id = :id")
-    while rows := connection.execute(select_missing).all():
+    after = ""
+    while rows := connection.execute(select_missing, {"after": after}).all():
         connection.execute(update, [
             {"id": r.id, "fingerprint": fingerprint({**r.content, "document": {
                 "media_type": r.media_type, "encoding": r.encoding, "content": r.document}})} for r in rows])
+        after = rows[-1].id
     op.alter_column("certificates", "fingerprint", existing_type=sa.Text(), nullable=False)
