@@ -92,7 +92,7 @@ def parse(envelope: Envelope, policy: Policy, trace: Mapping[str, str] | None = 
         raise Invalid(Code.INVALID_MESSAGE, "a query needs reply_to")
     if len(envelope.body) > policy.max_body_bytes:
         raise Invalid(Code.INVALID_MESSAGE, f"body is larger than {policy.max_body_bytes} bytes")
-    if b"\\" in envelope.body and b"\\u0000" in envelope.body:
+    if b"\\" in envelope.body and escapes_nul(envelope.body):
         # PostgreSQL text cannot hold NUL; refusing it here beats a dead letter from the database. (The one-byte
         # search is a memchr, 0.2 us for 20 KB; the six-byte one costs 10 us, and most bodies hold no backslash.)
         raise Invalid(Code.INVALID_MESSAGE, "text may not contain NUL characters (\\u0000)")
@@ -103,6 +103,20 @@ def parse(envelope: Envelope, policy: Policy, trace: Mapping[str, str] | None = 
     except ValidationError as error:
         raise _invalid(error) from None
     return Parsed(envelope, route, message, envelope.trace if trace is None else trace)
+
+
+def escapes_nul(body: bytes) -> bool:
+    """Does the JSON text `body` write a NUL character (`\\u0000`)? Not when the backslash is itself escaped: the
+    text `\\\\u0000` is a backslash and five characters, which a document may well hold."""
+    at = body.find(b"\\u0000")
+    while at >= 0:
+        start = at
+        while start > 0 and body[start - 1] == 0x5C:  # the backslashes before it
+            start -= 1
+        if (at - start) % 2 == 0:  # an even number of them escape each other: this one begins an escape
+            return True
+        at = body.find(b"\\u0000", at + 1)
+    return False
 
 
 def quoted(value: str) -> str:

@@ -1,6 +1,7 @@
 """Field types shared by every message of the contract (CONTRACT.md §4)."""
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Annotated
 
@@ -31,4 +32,14 @@ CertificateId = Annotated[str, StringConstraints(min_length=1, max_length=64, pa
 CertificateType = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^\S+$")]
 RecipientId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 Name = Annotated[str, StringConstraints(max_length=256)]
-Timestamp = AwareDatetime
+def _storable(value: dt.datetime) -> dt.datetime:
+    """An instant the store can hold and read back: in UTC between the years 1 and 9999 (an offset may carry
+    `0001-01-01T00:00:00+14:00` to the year 0, which PostgreSQL would store and Python could not load again)."""
+    try:
+        value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("the instant is outside the years 1 to 9999 in UTC") from None
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_storable)]

@@ -156,6 +156,8 @@ def test_sizes_are_bounded(routing_key, field, too_much):
     ("type_version", "v" * 33),
     ("signed_at", "2026-11-25T09:30:00"),  # no offset
     ("signed_at", "25/11/2026"),
+    ("signed_at", "0001-01-01T00:00:00+14:00"),  # the year 0 in UTC: stored, but never loaded again
+    ("signed_at", "9999-12-31T23:59:59-12:00"),  # the year 10,000 in UTC
     ("valid_from", "2026-13-01"),
     ("valid_to", "2026-11-01"),  # before valid_from
     ("document", {"media_type": "application/pdf", "encoding": "base64", "content": "not base64!"}),
@@ -273,3 +275,9 @@ def test_json_types_are_not_coerced(routing_key, field, value):
 def test_a_body_that_is_not_a_json_object_is_invalid(body):
     error = invalid("consent.get", body)
     assert error.code == Code.INVALID_MESSAGE and error.message == "body is not a JSON object"
+
+
+def test_the_first_and_last_instants_the_store_holds_are_accepted():
+    for signed_at in ("0001-01-01T00:00:00+00:00", "0001-01-01T14:00:00+14:00", "9999-12-31T23:59:59.999999+00:00"):
+        body = {"certificate": factories.certificate_json(signed_at=signed_at)}
+        assert parsed("certificate.register", body).message.certificate.signed_at

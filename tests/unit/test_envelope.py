@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from types import SimpleNamespace
 
 import pika
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from consumers import retry
 from consumers.envelope import Delivery, Reader
+from consumers.pipeline import escapes_nul
 from contracts.topology import H_ATTEMPTS, H_ORIGINAL_ROUTING_KEY, H_ORIGINAL_USER_ID, H_SIGNATURE
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
@@ -153,3 +155,12 @@ def test_a_clients_value_echoed_in_a_reply_is_short_and_never_a_personnummer():
 
     assert quoted("certificate.191212121212") == repr("certificate.<personnummer>")
     assert len(quoted("x" * 300)) < 70
+
+
+@given(text=st.text(alphabet=st.sampled_from(["\x00", "\\", "u", "0", "a", '"', "é"]), max_size=40),
+       ascii_only=st.booleans())
+def test_a_nul_is_found_exactly_when_the_text_holds_one(text, ascii_only):
+    """`\\u0000` in the JSON is a NUL only when its backslash is not itself escaped: a document may hold the six
+    characters `\\u0000` (written `\\\\u0000`) and must not be refused for them."""
+    body = json.dumps({"certificate": {"document": {"content": text}}}, ensure_ascii=ascii_only).encode()
+    assert escapes_nul(body) == ("\x00" in text)
