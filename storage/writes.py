@@ -3,10 +3,9 @@
 The message loop runs a batch of messages in one transaction. Registering a certificate inserts five rows
 (certificate, document, status, inbox, outbox); sent one by one that is five round trips per message, and each
 multi-row `insert().values([...])` is a new statement SQLAlchemy compiles again. Buffered, every table's rows of
-a few dozen messages go in one binary COPY, and the queued statements ride one psycopg pipeline that only the
-final flush waits for (one round trip). (An executemany in a pipeline did the same work in fewer round trips than
-statements one by one, but psycopg sends each of its rows as a statement of its own, with a poll and a send, and
-dumps its parameters in Python: a COPY row costs less than half the client CPU.)
+a batch go in one binary COPY (many rows: the least CPU per row) or one executemany that rides a psycopg pipeline
+with the queued statements (a few rows: the fewest round trips), and only the final flush waits for the pipeline
+(one round trip); see `_insert`.
 
 Rules, like an ORM's flush:
 - `defer(table, rows)` queues rows; once `send_after_rows` are queued they are sent (`send`).
@@ -33,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from sqlalchemy import (BigInteger, Boolean, Connection, Date, DateTime, Insert, Integer, LargeBinary, String,
@@ -57,39 +56,46 @@ def insert_statement(table: Table) -> Insert:
     return statement
 
 
-# The binary COPY type of each column type the schema uses (subclasses before their bases); a column of any other
-# type sends its table's rows through INSERT instead. Character types travel as `text`: in binary COPY the server
-# reads them with the column's own input rules (length, padding) all the same.
+# The binary COPY type of each column type the schema uses (subclasses before their bases); a table with a column of
+# any other type has its rows sent by INSERT only. Character types travel as `text`: in binary COPY the server reads
+# them with the column's own input rules (length, padding) all the same.
 _COPY_TYPES: tuple[tuple[type, str], ...] = (
     (JSONB, "jsonb"), (BigInteger, "int8"), (Integer, "int4"), (Boolean, "bool"), (Date, "date"),
     (LargeBinary, "bytea"), (String, "text"),
 )
 
 
+class _Statements(NamedTuple):
+    """How rows with these columns go in: `insert` (psycopg's SQL, one row) for an executemany, `copy` and its
+    `types` for a binary COPY (None: a column type COPY is not set up for here), and the dialect's bind processor
+    of each position that has one (with psycopg only JSON(B) has: it wraps the value in `Jsonb`, so the
+    connection's JSON dumper serialises it as SQLAlchemy would)."""
+
+    insert: str
+    copy: str | None
+    types: tuple[str, ...]
+    wrap: dict[int, Any]
+
+
 @lru_cache(maxsize=None)
-def _copy(table: Table, names: tuple[str, ...], dialect: Any) -> tuple[str, tuple[str, ...], dict[int, Any]] | None:
-    """`COPY table (names...) FROM STDIN (FORMAT BINARY)`, the binary type of each column, and the dialect's bind
-    processor of each position that has one (with psycopg only JSON(B) has: it wraps the value in `Jsonb`, so the
-    connection's JSON dumper serialises it as an INSERT would). None when a column's type has no entry here."""
+def _statements(table: Table, names: tuple[str, ...], dialect: Any) -> _Statements:
     quote = dialect.identifier_preparer
     columns = [table.c[name] for name in names]
-    types = []
+    listed = f"{quote.format_table(table)} ({', '.join(quote.format_column(c) for c in columns)})"
+    types: list[str] = []
     for column in columns:
         if isinstance(column.type, DateTime):
             types.append("timestamptz" if column.type.timezone else "timestamp")
-            continue
-        kind = next((name for base, name in _COPY_TYPES if isinstance(column.type, base)), None)
-        if kind is None:
-            return None
-        types.append(kind)
-    sql = (f"COPY {quote.format_table(table)} ({', '.join(quote.format_column(c) for c in columns)}) "
-           "FROM STDIN (FORMAT BINARY)")
+        elif (kind := next((name for base, name in _COPY_TYPES if isinstance(column.type, base)), None)) is not None:
+            types.append(kind)
     wrap = {}
     for i, column in enumerate(columns):
         process = column.type.dialect_impl(dialect).bind_processor(dialect)
         if process is not None:
             wrap[i] = process
-    return sql, tuple(types), wrap
+    return _Statements(insert=f"INSERT INTO {listed} VALUES ({', '.join(['%s'] * len(columns))})",
+                       copy=f"COPY {listed} FROM STDIN (FORMAT BINARY)" if len(types) == len(columns) else None,
+                       types=tuple(types), wrap=wrap)
 
 
 @lru_cache(maxsize=None)
@@ -109,6 +115,9 @@ class BufferedConnection:
     # registrations: a COPY of 100 rows per table costs the client ~48 us a registration, of 50 rows ~55, of 25
     # rows ~80 (each COPY is a statement and a round trip of its own).
     send_after_rows = 1024
+    # Rows of one table from which they go in by COPY rather than by executemany (see `_insert`): about where the
+    # two cost the client the same.
+    copy_from_rows = 25
 
     def __init__(self, connection: Connection) -> None:
         self._conn = connection
@@ -117,7 +126,7 @@ class BufferedConnection:
         self._queued = 0
         self._after_flush: dict[Table, Callable[[list[dict[str, Any]]], None]] = {}
         self._unchecked: list[tuple[Callable[[list[dict[str, Any]]], None], list[dict[str, Any]]]] = []
-        self._pipeline: Any = None  # an open psycopg pipeline (its context manager) while sent statements are in flight
+        self._pipeline: Any = None  # an open psycopg pipeline (its context manager) while what rides it is in flight
         self.flush_failed = False
 
     @property
@@ -154,9 +163,9 @@ class BufferedConnection:
         return bool(self._rows) or bool(self._statements) or self._pipeline is not None or bool(self._unchecked)
 
     def send(self) -> None:
-        """Insert the queued rows (a COPY per table), then send the queued statements in a psycopg pipeline and
-        return without waiting for their results. A failure may surface here (an earlier send's) or at the next
-        `flush`."""
+        """Insert the queued rows (a COPY or an executemany per table), then send the queued statements in the
+        psycopg pipeline and return without waiting for what rides it. A failure may surface here (an earlier
+        send's) or at the next `flush`."""
         if not self._rows and not self._statements:
             return
         queued, self._rows, self._queued = self._rows, {}, 0
@@ -244,33 +253,37 @@ class BufferedConnection:
             return None
 
     def _insert(self, table: Table, rows: list[dict[str, Any]]) -> None:
-        """One binary COPY straight on the psycopg connection. Measured against the executemany it replaced (a
-        batch of 20 KB registrations, five tables): less than half the client CPU per row, since psycopg sends
-        every row of an executemany as a statement of its own (a poll and a send each) and dumps its parameters in
-        Python, while a COPY row is formatted in C and streamed. COPY cannot run inside a pipeline, so statements
-        queued before are synced first. Errors come out wrapped like SQLAlchemy's (`_failing`)."""
+        """Straight on the psycopg connection, past SQLAlchemy's per-row parameter processing: `copy_from_rows` rows
+        and more in one binary COPY, fewer in an executemany that rides the pipeline. psycopg sends each row of an
+        executemany as a statement of its own (a poll and a send each) and dumps its parameters in Python, while a
+        COPY row is formatted in C and streamed: measured with 20 KB registrations, a COPY of 100 rows a table cost
+        the client ~48 us a registration against ~73-128 for the executemany, but a COPY is two round trips of its
+        own and cannot run inside the pipeline, so a few rows (a batch of one or two messages, at a low rate) go
+        faster and sooner by executemany. Errors come out wrapped like SQLAlchemy's (`_failing`)."""
         driver = self._driver()
-        copy = None
-        if driver is not None and all(len(row) == len(rows[0]) for row in rows):
-            copy = _copy(table, tuple(rows[0]), self._conn.dialect)
-        if copy is None:  # let SQLAlchemy sort it out
+        if driver is None or any(len(row) != len(rows[0]) for row in rows):  # let SQLAlchemy sort it out
             self._conn.execute(insert_statement(table), rows)
             return
         if not self._conn.in_transaction():
             self._conn.begin()  # SQLAlchemy must know of the transaction psycopg is about to begin, to commit it
+        names = tuple(rows[0])
+        statements = _statements(table, names, self._conn.dialect)
+        wrap = statements.wrap
+        values = [[row[name] for name in names] for row in rows] if not wrap else [
+            [wrap[i](row[name]) if i in wrap else row[name] for i, name in enumerate(names)] for row in rows]
+        if statements.copy is None or len(rows) < self.copy_from_rows:
+            if self._pipeline is None:
+                self._pipeline = self._open_pipeline()
+            with driver.cursor() as cursor:
+                cursor.executemany(statements.insert, values)
+            return
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
-            pipeline.__exit__(None, None, None)
-        sql, types, wrap = copy
-        names = tuple(rows[0])
-        with driver.cursor() as cursor, cursor.copy(sql) as out:
-            out.set_types(types)
-            if wrap:
-                for row in rows:
-                    out.write_row([wrap[i](row[name]) if i in wrap else row[name] for i, name in enumerate(names)])
-            else:
-                for row in rows:
-                    out.write_row([row[name] for name in names])
+            pipeline.__exit__(None, None, None)  # COPY cannot run in a pipeline: what is in it is synced first
+        with driver.cursor() as cursor, cursor.copy(statements.copy) as out:
+            out.set_types(statements.types)
+            for row in values:
+                out.write_row(row)
 
     def _execute_raw(self, sql: str, params: Mapping[str, Any]) -> None:
         driver = self._driver()
@@ -283,8 +296,8 @@ class BufferedConnection:
             cursor.execute(sql, params)
 
     def _open_pipeline(self) -> Any:
-        """psycopg pipeline mode: the queued statements ride one pipeline, which is synced (one round trip) only
-        when `flush` needs the results, or before a COPY. Without pipeline support each statement waits for its
+        """psycopg pipeline mode: executemanys and queued statements ride one pipeline, which is synced (one round
+        trip) only when `flush` needs the results, or before a COPY. Without pipeline support each waits for its
         own results."""
         driver = self._driver()
         if driver is None or not hasattr(driver, "pipeline") or not psycopg.Pipeline.is_supported():

@@ -159,8 +159,8 @@ def count(engine, table) -> int:
 
 
 class Statements:
-    """Counts the SQL statements an engine sends (executemany = 1), and the buffered inserts' COPYs, which go to
-    psycopg straight, past SQLAlchemy's events."""
+    """Counts the SQL statements an engine sends (executemany = 1), and the buffered inserts (a COPY or an
+    executemany per table: "BUFFERED"), which go to psycopg straight, past SQLAlchemy's events."""
 
     def __init__(self, engine) -> None:
         self.engine, self.seen = engine, []
@@ -170,7 +170,7 @@ class Statements:
         self._insert = BufferedConnection._insert
 
         def insert(connection, table, rows):
-            self.seen.append("COPY")
+            self.seen.append("BUFFERED")
             return self._insert(connection, table, rows)
 
         BufferedConnection._insert = insert
@@ -196,7 +196,7 @@ def test_a_batch_of_new_registrations_is_one_transaction_of_a_few_statements(eng
     assert count(engine, certificates) == count(engine, inbox) == 30
     # warm-up, one COPY per table, the purge check, commit: no statement per message
     assert len(statements.seen) < 30, statements.seen
-    assert statements.seen.count("COPY") == 5, statements.seen  # certificates, documents, statuses, inbox, outbox
+    assert statements.seen.count("BUFFERED") == 5, statements.seen  # certificates, documents, statuses, inbox, outbox
     # the warm-up and the purge check (the NOTIFY for a relay in another process rides the inserts' pipeline)
     assert statements.seen.count("SELECT") == 2, statements.seen
 
@@ -309,8 +309,14 @@ def test_a_settlement_that_cannot_be_published_rejects_only_its_message(engine, 
     assert count(engine, certificates) == 2
 
 
+INSERT_FORMS = pytest.mark.parametrize("copy_from_rows", [1, 1_000_000], ids=["copy", "executemany"])
+
+
+@INSERT_FORMS
 @pytest.mark.parametrize("send_after_rows", [256, 4], ids=["flushed-at-commit", "sent-while-later-ones-run"])
-def test_a_message_whose_insert_fails_at_the_flush_fails_alone(engine, batching_url, monkeypatch, send_after_rows):
+def test_a_message_whose_insert_fails_at_the_flush_fails_alone(engine, batching_url, monkeypatch, send_after_rows,
+                                                               copy_from_rows):
+    monkeypatch.setattr(BufferedConnection, "copy_from_rows", copy_from_rows)
     """The error only shows when the batch's inserts are flushed (at commit, or while a later message runs): the
     loop runs the batch again with a savepoint per message, flushed at its end, which pins the failure on the
     message that caused it."""
@@ -341,7 +347,9 @@ def test_a_message_whose_insert_fails_at_the_flush_fails_alone(engine, batching_
     assert count(engine, certificates) == 4 and count(engine, inbox) == 4
 
 
-def test_the_outbox_keeps_the_order_of_the_messages_across_a_batch(engine, batching_url, monkeypatch):
+@INSERT_FORMS
+def test_the_outbox_keeps_the_order_of_the_messages_across_a_batch(engine, batching_url, monkeypatch, copy_from_rows):
+    monkeypatch.setattr(BufferedConnection, "copy_from_rows", copy_from_rows)
     monkeypatch.setattr(BufferedConnection, "send_after_rows", 16)  # many sends (COPYs) in one transaction
     worker, _ = consumer(engine, batching_url)
     batch = [delivery(register_body(patient_id=patient(n))) for n in range(40)]
@@ -484,11 +492,13 @@ def test_a_register_racing_with_a_purge_of_the_same_id_never_brings_it_back(engi
     assert count(engine, certificates) == 0
 
 
-def test_a_connection_lost_between_inserts_is_transient_and_the_pool_recovers(engine, monkeypatch):
+@INSERT_FORMS
+def test_a_connection_lost_between_inserts_is_transient_and_the_pool_recovers(engine, monkeypatch, copy_from_rows):
+    monkeypatch.setattr(BufferedConnection, "copy_from_rows", copy_from_rows)
     monkeypatch.setattr(BufferedConnection, "send_after_rows", 1)  # every insert goes out at once
     with SqlUnitOfWork(engine) as uow:
         pid = uow.connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        uow.certificates.add(factories.certificate())  # inserted at once (a COPY per table)
+        uow.certificates.add(factories.certificate())  # sent at once
         with engine.connect() as killer:
             killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         with pytest.raises(Exception) as raised:
