@@ -38,7 +38,7 @@ class Certificate:
     signed_at: dt.datetime
     test_certificate: bool
     # Identity of the content (`fingerprint()`), computed only when the same id is registered again
-    # (`content_fingerprint`): None for a certificate stored without one (kept by versions before 0005).
+    # (`content_fingerprint`): None until then (since migration 0005 a new certificate is stored without one).
     fingerprint: str | None
     content: dict[str, Any]  # the registered certificate as JSON, opaque to the rules, without its document
     document: dict[str, Any] | None = None  # loaded only where it is returned or delivered

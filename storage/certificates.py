@@ -237,7 +237,8 @@ class SqlCertificates:
 
     # --- writing -------------------------------------------------------------------------------------------
     def add(self, certificate: Certificate) -> None:
-        """Queued with the unit of work's other writes (`storage.writes`): one COPY per table for a whole batch; a later read of it flushes first and finds it."""
+        """Queued with the unit of work's other writes (`storage.writes`): one COPY or executemany per table for
+        a whole batch; a later read of it flushes first and finds it."""
         content = certificate.content
         self._absent.discard(certificate.id)
         insert_rows(self._conn, certs, [{

@@ -7,7 +7,7 @@ still undo just the message that failed.
 
 Two things make a batch cheap (the message loop's hot path):
 - Write buffering (`storage.writes`): new certificates, their documents and statuses, inbox and outbox rows are
-  queued and inserted with one COPY per table, flushed before any other statement, at the end of a
+  queued and inserted with one COPY or executemany per table, flushed before any other statement, at the end of a
   savepoint and at `commit()`.
 - Warm-up: `warm(message_ids, certificate_ids)` learns in one query which of a batch's message ids are in the
   inbox and which certificate ids have a row or a tombstone; for the ones found absent, `inbox.get`,

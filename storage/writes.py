@@ -110,10 +110,10 @@ class BufferedConnection:
     """A SQLAlchemy `Connection` whose inserts of new rows may wait (see the module docstring). Everything not
     defined here is the wrapped connection's (`commit`, `rollback`, `begin_nested`, ...)."""
 
-    # Queued rows beyond which they are sent at once (a COPY per table), so that a big transaction does not hold
-    # them all: a default batch of 100 registrations (500 rows) goes in one send. Measured with 20 KB
-    # registrations: a COPY of 100 rows per table costs the client ~48 us a registration, of 50 rows ~55, of 25
-    # rows ~80 (each COPY is a statement and a round trip of its own).
+    # Queued rows beyond which they are sent at once, so that a big transaction does not hold them all: a default
+    # batch of 100 registrations (500 rows) goes in one send. Measured with 20 KB registrations: a COPY of 100 rows
+    # per table costs the client ~48 us a registration, of 50 rows ~55, of 25 rows ~80 (each COPY is a statement
+    # and a round trip of its own).
     send_after_rows = 1024
     # Rows of one table from which they go in by COPY rather than by executemany (see `_insert`): about where the
     # two cost the client the same.
@@ -180,8 +180,8 @@ class BufferedConnection:
                 check = self._after_flush.get(table)
                 if check is not None:
                     self._unchecked.append((check, rows))
-            if statements and self._pipeline is None:
-                self._pipeline = self._open_pipeline()
+            if statements:
+                self._pipelined()
             for sql, params in statements:
                 self._execute_raw(sql, params)
 
@@ -192,9 +192,7 @@ class BufferedConnection:
             return
         self.send()
         with self._failing():
-            pipeline, self._pipeline = self._pipeline, None
-            if pipeline is not None:
-                pipeline.__exit__(None, None, None)  # Sync: wait for every result
+            self._end_pipeline()
             checks, self._unchecked = self._unchecked, []
             merged: dict[Callable[[list[dict[str, Any]]], None], list[dict[str, Any]]] = {}
             for check, rows in checks:  # one check for the rows of every send
@@ -205,12 +203,7 @@ class BufferedConnection:
     def discard(self) -> None:
         """Forget what is queued and in flight (the transaction or savepoint is being rolled back)."""
         self._rows, self._statements, self._queued, self._unchecked = {}, [], 0, []
-        pipeline, self._pipeline = self._pipeline, None
-        if pipeline is not None:
-            try:
-                pipeline.__exit__(None, None, None)
-            except Exception:  # noqa: BLE001 - its errors belong to writes being rolled back
-                pass
+        self._end_pipeline(errors_matter=False)  # its errors belong to writes being rolled back
 
     # -- machinery -----------------------------------------------------------------------------------------------
 
@@ -222,12 +215,7 @@ class BufferedConnection:
             yield
         except BaseException as error:
             self.flush_failed = True
-            pipeline, self._pipeline = self._pipeline, None
-            if pipeline is not None:  # leave pipeline mode; the transaction is lost anyway
-                try:
-                    pipeline.__exit__(None, None, None)
-                except Exception:  # noqa: BLE001 - the first error is the one that matters
-                    pass
+            self._end_pipeline(errors_matter=False)  # the transaction is lost anyway; the first error matters
             if not isinstance(error, psycopg.Error):
                 raise
             broken = self._lost(error)
@@ -272,14 +260,11 @@ class BufferedConnection:
         values = [[row[name] for name in names] for row in rows] if not wrap else [
             [wrap[i](row[name]) if i in wrap else row[name] for i, name in enumerate(names)] for row in rows]
         if statements.copy is None or len(rows) < self.copy_from_rows:
-            if self._pipeline is None:
-                self._pipeline = self._open_pipeline()
+            self._pipelined()
             with driver.cursor() as cursor:
                 cursor.executemany(statements.insert, values)
             return
-        pipeline, self._pipeline = self._pipeline, None
-        if pipeline is not None:
-            pipeline.__exit__(None, None, None)  # COPY cannot run in a pipeline: what is in it is synced first
+        self._end_pipeline()  # COPY cannot run in a pipeline: what rides it is synced first
         with driver.cursor() as cursor, cursor.copy(statements.copy) as out:
             out.set_types(statements.types)
             for row in values:
@@ -295,17 +280,30 @@ class BufferedConnection:
         with driver.cursor() as cursor:
             cursor.execute(sql, params)
 
-    def _open_pipeline(self) -> Any:
-        """psycopg pipeline mode: executemanys and queued statements ride one pipeline, which is synced (one round
-        trip) only when `flush` needs the results, or before a COPY. Without pipeline support each waits for its
-        own results."""
+    def _pipelined(self) -> None:
+        """Enter psycopg pipeline mode unless in it: executemanys and queued statements ride one pipeline, which is
+        synced (one round trip) only when `flush` needs the results, or before a COPY. Without pipeline support each
+        waits for its own results."""
+        if self._pipeline is not None:
+            return
         driver = self._driver()
         if driver is None or not hasattr(driver, "pipeline") or not psycopg.Pipeline.is_supported():
             pipeline: Any = nullcontext()
         else:
             pipeline = driver.pipeline()
         pipeline.__enter__()
-        return pipeline
+        self._pipeline = pipeline
+
+    def _end_pipeline(self, *, errors_matter: bool = True) -> None:
+        """Leave pipeline mode, waiting for everything that rode it; its errors raise unless they do not matter."""
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is None:
+            return
+        try:
+            pipeline.__exit__(None, None, None)
+        except Exception:  # noqa: BLE001 - any error of what rode it
+            if errors_matter:
+                raise
 
     # -- statements: flush first -----------------------------------------------------------------------------------
 
